@@ -1,0 +1,189 @@
+"""A small synthetic corpus in the exact VideoInstruct-100K layout, for the demo and the tests.
+
+Each video shows one object (a colour from COLOURS, a shape from SHAPES) crossing a static
+textured background in one of DIRECTIONS. Lengths, sizes and frame rates vary so that the
+pipeline meets the variety of a real corpus. Answers to the colour, shape and direction
+questions are only in the pixels, and the direction only in the order of the frames, which is
+what the trained model is later tested on.
+
+    OUT/videos/<video_id>.mp4   H.264 (PyAV / libx264), yuv420p
+    OUT/instructions.json       [{"q": ..., "a": ..., "video_id": ...}, ...]  (VideoInstruct-100K)
+    OUT/labels.json             {video_id: {"colour", "shape", "direction", "width", "height",
+                                             "fps", "frames", "seconds"}}
+Everything is a function of the seed (the mp4 bytes included: x264 runs single-threaded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from fractions import Fraction
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 90, 230),
+    "yellow": (235, 215, 40),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+SIZES = ((320, 240), (426, 240), (480, 270), (480, 360), (640, 360))
+FRAME_RATES = (24, 25, 30)
+SECONDS = (2.0, 12.0)
+NOISY_SUFFIX = "\nQA_GT_caption_based_noisy"
+
+COLOUR_QUESTIONS = ("What colour is the moving object?", "What is the color of the shape in the video?")
+SHAPE_QUESTIONS = ("What shape is the moving object?", "Which shape can be seen in the video?")
+DIRECTION_QUESTIONS = ("In which direction does the object move?", "Where is the object going?")
+DESCRIBE_QUESTIONS = ("Describe the video.", "What happens in this video?")
+
+
+@dataclass(frozen=True)
+class DemoVideo:
+    video_id: str
+    colour: str
+    shape: str
+    direction: str
+    width: int
+    height: int
+    fps: int
+    frames: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+
+def plan_videos(n_videos: int, seed: int) -> list[DemoVideo]:
+    """Choose every video's content. Colour, shape and direction cycle through all combinations
+    in a shuffled order, so even a small corpus is balanced."""
+    rng = np.random.default_rng(seed)
+    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+    alphabet = np.array(list(string.ascii_letters + string.digits + "_-"))
+    videos, order = [], []
+    for i in range(n_videos):
+        if not order:
+            order = list(rng.permutation(len(combos)))
+        colour, shape, direction = combos[order.pop()]
+        width, height = SIZES[rng.integers(len(SIZES))]
+        fps = int(FRAME_RATES[rng.integers(len(FRAME_RATES))])
+        frames = int(round(rng.uniform(*SECONDS) * fps))
+        video_id = "v_" + "".join(rng.choice(alphabet, 11))
+        videos.append(DemoVideo(video_id, colour, shape, direction, int(width), int(height), fps, frames))
+    return videos
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A muted, smooth random texture (H, W, 3) uint8: bilinear-upsampled coarse noise plus grain."""
+    coarse = rng.uniform(70, 170, size=(7, 9, 3)).astype(np.float32)
+    coarse = 0.7 * coarse + 0.3 * coarse.mean(axis=2, keepdims=True)  # desaturate
+    ys = np.linspace(0, coarse.shape[0] - 1, height, dtype=np.float32)
+    xs = np.linspace(0, coarse.shape[1] - 1, width, dtype=np.float32)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, coarse.shape[0] - 1), np.minimum(x0 + 1, coarse.shape[1] - 1)
+    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    top = coarse[y0][:, x0] * (1 - wx) + coarse[y0][:, x1] * wx
+    bottom = coarse[y1][:, x0] * (1 - wx) + coarse[y1][:, x1] * wx
+    image = top * (1 - wy) + bottom * wy + rng.normal(0, 6, size=(height, width, 1))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _shape_mask(shape: str, size: int) -> np.ndarray:
+    """(size, size) bool mask of the object."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    c = size / 2
+    if shape == "circle":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= c**2
+    if shape == "square":
+        return np.ones((size, size), dtype=bool)
+    # triangle, apex up: inside while |x - c| <= half the base width at that height
+    return np.abs(xx - c) <= yy / 2
+
+
+def _positions(video: DemoVideo, rng: np.random.Generator, size: int) -> np.ndarray:
+    """(frames, 2) top-left (x, y) of the object: it crosses from 5% to 95% of the free span."""
+    free_x, free_y = video.width - size, video.height - size
+    t = np.linspace(0.05, 0.95, video.frames)
+    across = rng.uniform(0.25, 0.75)
+    if video.direction in ("left", "right"):
+        x = t if video.direction == "right" else 1 - t
+        xy = np.stack([x * free_x, np.full_like(t, across * free_y)], axis=1)
+    else:
+        y = t if video.direction == "down" else 1 - t
+        xy = np.stack([np.full_like(t, across * free_x), y * free_y], axis=1)
+    return np.round(xy).astype(int)
+
+
+def write_video(video: DemoVideo, path: Path, seed: int) -> None:
+    rng = np.random.default_rng([seed, *video.video_id.encode()])
+    background = _background(rng, video.width, video.height)
+    size = int(0.3 * min(video.width, video.height))
+    mask = _shape_mask(video.shape, size)
+    colour = np.array(COLOURS[video.colour], dtype=np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=video.fps)
+        stream.codec_context.time_base = Fraction(1, video.fps)
+        stream.width, stream.height, stream.pix_fmt = video.width, video.height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23", "threads": "1"}
+        for index, (x, y) in enumerate(_positions(video, rng, size)):
+            pixels = background.copy()
+            pixels[y : y + size, x : x + size][mask] = colour
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = index  # explicit timestamps: the encoder never guesses them
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def instructions_for(video: DemoVideo, index: int) -> list[dict[str, str]]:
+    """VideoInstruct-100K records for one video: colour, shape, direction and a description.
+    Every fourth video's description carries VideoInstruct's noisy-caption suffix."""
+    pick = index % 2
+    describe = (
+        f"A {video.colour} {video.shape} moves {video.direction} "
+        f"across a textured background for {video.seconds:.1f} seconds."
+    )
+    records = [
+        (COLOUR_QUESTIONS[pick], f"The object is {video.colour}."),
+        (SHAPE_QUESTIONS[pick], f"It is a {video.shape}."),
+        (DIRECTION_QUESTIONS[pick], f"It moves {video.direction}."),
+        (DESCRIBE_QUESTIONS[pick] + (NOISY_SUFFIX if index % 4 == 0 else ""), describe),
+    ]
+    return [{"q": q, "a": a, "video_id": video.video_id} for q, a in records]
+
+
+def make_demo_corpus(out: Path, n_videos: int = 96, seed: int = 0) -> list[DemoVideo]:
+    """Write the demo corpus under `out` (see the module docstring) and return its plan."""
+    if n_videos < 1:
+        raise ValueError(f"--videos must be at least 1, got {n_videos}")
+    out = Path(out).expanduser().resolve()
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    videos = plan_videos(n_videos, seed)
+    records, labels = [], {}
+    for index, video in enumerate(tqdm(videos, desc="demo videos", unit="video")):
+        write_video(video, out / "videos" / f"{video.video_id}.mp4", seed)
+        records += instructions_for(video, index)
+        labels[video.video_id] = {
+            "colour": video.colour,
+            "shape": video.shape,
+            "direction": video.direction,
+            "width": video.width,
+            "height": video.height,
+            "fps": video.fps,
+            "frames": video.frames,
+            "seconds": round(video.seconds, 3),
+        }
+    (out / "instructions.json").write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
+    log.info("demo corpus: %d videos, %d instructions in %s", len(videos), len(records), out)
+    return videos

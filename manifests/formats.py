@@ -1,0 +1,152 @@
+"""Instruction files in, conversations out.
+
+Two formats are read, detected from the first record (or forced):
+- VideoInstruct-100K: flat `{"q", "a", "video_id"}` records, several per video; each becomes a
+  one-turn conversation.
+- LLaVA / Video-ChatGPT training format: `{"id", "video", "conversations": [{"from": "human" |
+  "gpt", "value"}, ...]}`, multi-turn kept as multi-turn.
+Either may be a JSON list or JSON Lines. Every conversation comes out in one normal form: the
+`<video>` marker (wherever it stood, and LLaVA's `<image>`) removed and put back as a
+`<video>\\n` prefix of the first user turn; VideoInstruct's `\\nQA_GT_caption_based_noisy`-style
+suffixes stripped. Records that cannot be taken are returned as problems, never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from manifests.manifest import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ManifestError
+
+VIDEO_MARKER = "<video>"
+_MARKERS = re.compile(r"\s*<(?:video|image)>\s*")
+_NOISY_SUFFIX = re.compile(r"\s*\bQA_GT_\w*\s*$")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+FORMATS = ("auto", "videoinstruct", "llava")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One conversation read from an instruction file, before its video is looked up."""
+
+    index: int  # position in the input file (record or line number, from 0)
+    video_ref: str  # the id or file name the record names
+    conversations: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # bad_json_line | empty_text | bad_conversation | duplicate_record | unsafe_path | missing_video
+    reason: str
+    index: int | None = None
+    video_id: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def clean_text(text: str) -> str:
+    """Strip the video marker and VideoInstruct's noisy-caption suffix."""
+    return _NOISY_SUFFIX.sub("", _MARKERS.sub(" ", text)).strip()
+
+
+def video_id_of(ref: str) -> str:
+    """`v_abc.mp4` and `v_abc` name the same video; the id is the name without a known extension."""
+    suffix = Path(ref).suffix.lower()
+    return ref[: -len(suffix)] if suffix in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS else ref
+
+
+def _raw_records(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """(index, parsed JSON) pairs from a JSON list or a JSON Lines file."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        return list(enumerate(whole)), []
+    if isinstance(whole, dict):
+        return [(0, whole)], []
+    records, problems = [], []
+    for index, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            records.append((index, json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(Problem("bad_json_line", f"line {index + 1}: {e.msg}", index=index))
+    return records, problems
+
+
+def detect_format(first: Any, path: Path) -> str:
+    if isinstance(first, dict) and "conversations" in first:
+        return "llava"
+    if isinstance(first, dict) and {"q", "a", "video_id"} <= first.keys():
+        return "videoinstruct"
+    raise ManifestError(
+        f"{path}: neither VideoInstruct-100K ({{q, a, video_id}} records) nor LLaVA/Video-ChatGPT "
+        "({video, conversations} records); use --format to force one"
+    )
+
+
+def _from_videoinstruct(index: int, raw: dict[str, Any]) -> Record | Problem:
+    video = str(raw.get("video_id") or "")
+    q, a = clean_text(str(raw.get("q") or "")), clean_text(str(raw.get("a") or ""))
+    if not video:
+        return Problem("bad_conversation", "record has no video_id", index=index)
+    if not q or not a:
+        return Problem("empty_text", "empty question" if not q else "empty answer", index=index, video_id=video)
+    turns = [{"role": "user", "content": f"{VIDEO_MARKER}\n{q}"}, {"role": "assistant", "content": a}]
+    return Record(index, video, turns)
+
+
+def _from_llava(index: int, raw: dict[str, Any]) -> Record | Problem:
+    video = str(raw.get("video") or raw.get("video_id") or "")
+    turns_in = raw.get("conversations")
+    if not video:
+        return Problem("bad_conversation", "record has no video", index=index)
+    if not isinstance(turns_in, list) or not turns_in or len(turns_in) % 2:
+        return Problem("bad_conversation", "conversations must be user/assistant pairs", index=index, video_id=video)
+    turns = []
+    for position, turn in enumerate(turns_in):
+        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower()) if isinstance(turn, dict) else None
+        if role != ("user" if position % 2 == 0 else "assistant"):
+            return Problem("bad_conversation", f"turn {position} is not a {'user' if position % 2 == 0 else 'assistant'} turn", index=index, video_id=video)
+        content = clean_text(str(turn.get("value", turn.get("content", "")) or ""))
+        if not content:
+            return Problem("empty_text", f"empty {'question' if role == 'user' else 'answer'} in turn {position}", index=index, video_id=video)
+        turns.append({"role": role, "content": content})
+    turns[0]["content"] = f"{VIDEO_MARKER}\n{turns[0]['content']}"
+    return Record(index, video, turns)
+
+
+def read_instructions(path: Path, fmt: str = "auto") -> tuple[list[Record], list[Problem], str]:
+    """Parse an instruction file: (records, problems, the format used)."""
+    if fmt not in FORMATS:
+        raise ManifestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise ManifestError(f"instruction file not found: {path}")
+    raws, problems = _raw_records(path)
+    if not raws:
+        raise ManifestError(f"{path}: no JSON records found")
+    if fmt == "auto":
+        fmt = detect_format(raws[0][1], path)
+    parse = _from_llava if fmt == "llava" else _from_videoinstruct
+    records = []
+    for index, raw in raws:
+        item = parse(index, raw) if isinstance(raw, dict) else Problem("bad_conversation", "record is not a JSON object", index=index)
+        (records if isinstance(item, Record) else problems).append(item)
+    return records, problems, fmt
+
+
+def iter_video_ids(records: list[Record]) -> Iterator[str]:
+    """Distinct video ids in order of first appearance."""
+    seen: set[str] = set()
+    for r in records:
+        vid = video_id_of(r.video_ref)
+        if vid not in seen:
+            seen.add(vid)
+            yield vid

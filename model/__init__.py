@@ -1,0 +1,38 @@
+"""The video language model: MiniMind LM, VideoSummary, projector, VideoLM, generation, and
+loading pretrained LMs. Plain PyTorch; nothing here reads videos or runs CLIP."""
+
+from model.config import (
+    GenerationConfig,
+    LMConfig,
+    ProjectorConfig,
+    SummaryConfig,
+    VideoLMConfig,
+    lm_preset,
+)
+from model.generation import STOPPED, generate, stream_generate
+from model.lm import KVCache, MiniMindLM
+from model.pretrained import CheckpointError, load_lm, read_lm_config
+from model.projector import Projector
+from model.summary import VideoSummary
+from model.video_lm import VideoLM, splice_video_tokens
+
+__all__ = [
+    "STOPPED",
+    "CheckpointError",
+    "GenerationConfig",
+    "KVCache",
+    "LMConfig",
+    "MiniMindLM",
+    "Projector",
+    "ProjectorConfig",
+    "SummaryConfig",
+    "VideoLM",
+    "VideoLMConfig",
+    "VideoSummary",
+    "generate",
+    "lm_preset",
+    "load_lm",
+    "read_lm_config",
+    "splice_video_tokens",
+    "stream_generate",
+]

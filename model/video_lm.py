@@ -1,0 +1,93 @@
+"""VideoLM: VideoSummary -> projector -> video tokens spliced into the prompt -> MiniMind LM.
+
+A prompt carries its video as one run of ``cfg.n_video_tokens`` consecutive ``video_token_id``
+placeholder tokens; the projected summary tokens replace that run, in order. A sample without a
+placeholder run is text-only (its video row, if any, is ignored), and ``video=None`` means no
+sample has a video: placeholders then keep their own token embedding.
+
+Batches are right-padded for training (``forward``); generation left-pads (see
+`model.generation`). The splice is one gather + where over the whole batch, so its cost does not
+grow with a Python loop over samples and its shapes stay static.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import VideoLMConfig
+from model.lm import MiniMindLM
+from model.pretrained import load_lm
+from model.projector import Projector
+from model.summary import VideoSummary
+
+
+def splice_video_tokens(embeddings: Tensor, is_placeholder: Tensor, video_tokens: Tensor) -> Tensor:
+    """Replace each sample's placeholder positions by its video tokens, in order.
+
+    embeddings: (B, L, dim); is_placeholder: (B, L) bool, each row holds 0 or N True;
+    video_tokens: (B, N, dim). Returns (B, L, dim).
+    """
+    n_tokens = video_tokens.shape[1]
+    counts = is_placeholder.sum(dim=1)  # (B,)
+    if not ((counts == 0) | (counts == n_tokens)).all():
+        raise ValueError(
+            f"each prompt needs 0 or exactly {n_tokens} video placeholder tokens; "
+            f"got {sorted(set(counts.tolist()))}"
+        )
+    # k-th placeholder of a row takes video token k; other positions gather a dummy row 0
+    slot = (is_placeholder.cumsum(dim=1) - 1).clamp(0, n_tokens - 1)  # (B, L)
+    gathered = video_tokens.gather(1, slot[..., None].expand(-1, -1, video_tokens.shape[2]))
+    return torch.where(is_placeholder[..., None], gathered.to(embeddings.dtype), embeddings)
+
+
+class VideoLM(nn.Module):
+    """The video chat model. Submodules ``lm``, ``summary`` and ``projector`` can be frozen by name."""
+
+    def __init__(self, cfg: VideoLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.lm = MiniMindLM(cfg.lm)
+        self.summary = VideoSummary(cfg.summary)
+        self.projector = Projector(cfg.projector, cfg.summary.vision_dim, cfg.lm.dim)
+
+    def load_lm(self, path: str | Path) -> None:
+        """Load a pretrained MiniMind file or Hugging Face Llama directory into ``self.lm``."""
+        load_lm(self.lm, path)
+
+    def embed(self, input_ids: Tensor, video: Tensor | None) -> Tensor:
+        """Token embeddings (B, L, dim) with each placeholder run replaced by the video's tokens.
+
+        video: (B, F, T, D) frame tokens, any float dtype (cast to the model's), or None.
+        """
+        embeddings = self.lm.tok_embeddings(input_ids)  # (B, L, dim)
+        if video is None:
+            return embeddings
+        video = video.to(self.lm.tok_embeddings.weight.dtype)
+        video_tokens = self.projector(self.summary(video))  # (B, N, dim)
+        return splice_video_tokens(embeddings, input_ids == self.cfg.video_token_id, video_tokens)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        video: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, L, V) and the mean next-token loss over labelled positions (or None).
+
+        input_ids: (B, L) long, right-padded; attention_mask: (B, L), 0/False on padding;
+        video: (B, F, T, D) or None; labels: (B, L) long aligned with input_ids (labels[:, t] is
+        the token at position t; the shift happens here), -100 where no loss is wanted.
+        """
+        embeddings = self.embed(input_ids, video)
+        logits = self.lm(embeddings=embeddings, attention_mask=attention_mask)
+        if labels is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        return logits, loss

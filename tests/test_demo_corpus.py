@@ -1,0 +1,90 @@
+"""The demo corpus, read back with decord and checked against labels.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import decord
+import numpy as np
+import pytest
+
+from manifests.demo_corpus import (
+    COLOUR_QUESTIONS,
+    COLOURS,
+    DIRECTION_QUESTIONS,
+    DIRECTIONS,
+    FRAME_RATES,
+    SHAPE_QUESTIONS,
+    SHAPES,
+    make_demo_corpus,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    make_demo_corpus(out, n_videos=12, seed=3)
+    return out
+
+
+def test_instructions_are_in_the_videoinstruct_format(corpus):
+    records = json.loads((corpus / "instructions.json").read_text())
+    labels = json.loads((corpus / "labels.json").read_text())
+    assert isinstance(records, list) and len(records) == 4 * len(labels)
+    for r in records:
+        assert set(r) == {"q", "a", "video_id"}
+        assert all(isinstance(v, str) and v for v in r.values())
+        assert r["video_id"] in labels
+    noisy = [r for r in records if r["q"].endswith("\nQA_GT_caption_based_noisy")]
+    assert 0 < len(noisy) < len(records)
+    # The answers that need the video name the label, and nothing else from its set.
+    for r in records:
+        label = labels[r["video_id"]]
+        words = set(r["a"].lower().replace(".", " ").split())
+        if r["q"] in COLOUR_QUESTIONS:
+            assert words & set(COLOURS) == {label["colour"]}
+        elif r["q"] in SHAPE_QUESTIONS:
+            assert words & set(SHAPES) == {label["shape"]}
+        elif r["q"] in DIRECTION_QUESTIONS:
+            assert words & set(DIRECTIONS) == {label["direction"]}
+
+
+def test_every_video_decodes_to_its_labels(corpus):
+    labels = json.loads((corpus / "labels.json").read_text())
+    assert sorted(p.stem for p in (corpus / "videos").glob("*.mp4")) == sorted(labels)
+    for video_id, label in labels.items():
+        assert label["colour"] in COLOURS and label["shape"] in SHAPES and label["direction"] in DIRECTIONS
+        assert label["fps"] in FRAME_RATES and 2.0 <= label["seconds"] <= 12.0
+        reader = decord.VideoReader(str(corpus / "videos" / f"{video_id}.mp4"))
+        assert len(reader) == label["frames"]
+        assert reader[0].shape == (label["height"], label["width"], 3)
+        assert reader.get_avg_fps() == pytest.approx(label["fps"], rel=1e-3)
+
+
+def test_the_object_moves_in_the_labelled_direction(corpus):
+    """The object's colour centroid, measured on the first and last frames, moves as labelled."""
+    labels = json.loads((corpus / "labels.json").read_text())
+    for video_id, label in labels.items():
+        reader = decord.VideoReader(str(corpus / "videos" / f"{video_id}.mp4"))
+        target = np.array(COLOURS[label["colour"]], dtype=np.float32)
+        centres = []
+        for index in (0, len(reader) - 1):
+            frame = reader[index].asnumpy().astype(np.float32)
+            ys, xs = np.nonzero(np.abs(frame - target).sum(axis=2) < 60)
+            assert len(xs) > 100, f"{video_id}: object not found in frame {index}"
+            centres.append((xs.mean(), ys.mean()))
+        dx, dy = np.subtract(centres[1], centres[0])
+        moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert moved == label["direction"], video_id
+
+
+def test_the_corpus_is_a_function_of_the_seed(corpus, tmp_path):
+    make_demo_corpus(tmp_path, n_videos=12, seed=3)
+
+    def digest(root: Path) -> dict[str, str]:
+        files = sorted(root.rglob("*"))
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+    assert digest(tmp_path) == digest(corpus)
