@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for package in ("manifests", "pipeline"):  # our progress lines; third-party chatter stays at WARNING
+        logging.getLogger(package).setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

@@ -1,0 +1,114 @@
+"""Decode stage: one video (or image) file -> the F cropped uint8 frames the encoder will see.
+
+Only the sampled frames are decoded (decord `get_batch` on the sampled indices), already
+resized by the decoder so the short side is the encoder's input size. decord's `width` /
+`height` scale to exactly that size (FFmpeg `scale=W:H`, bicubic), so both are computed from the
+source size, which PyAV reads from the container header without decoding anything. The centre
+crop happens here, on uint8, so a decode worker ships 224x224x3 bytes per frame, not floats.
+
+An image is a one-frame video: PIL decodes and resizes it exactly as open_clip's transform does
+(bicubic), and its frame is repeated F times with `n_frames` 1.
+
+Everything that can go wrong with one file becomes a `DecodeError` whose message is the reason
+stored for its row. A hang or a crash in native code cannot be caught here; the orchestrator runs
+this function where it can be killed (see `pipeline.distributed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DecodeError
+from pipeline.preprocess import center_crop, resized_size
+from pipeline.sampling import KEYFRAME, sample_indices
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the decode stage needs to know about the encoder and the sampling."""
+
+    frames: int  # F, samples per video
+    sampling: str  # "uniform" | "keyframe"
+    image_size: int  # the encoder's square input size S
+    resize_mode: str = "shortest"
+
+
+@dataclass
+class DecodedVideo:
+    frames: np.ndarray  # (F, S, S, 3) uint8, cropped
+    frame_index: np.ndarray  # (F,) int32, source frame numbers decoded
+    n_frames: int  # frames the source really has (1 for an image)
+
+
+def probe_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the first video stream, from the container header."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DecodeError("no video stream")
+            ctx = container.streams.video[0].codec_context
+            width, height = ctx.width, ctx.height
+    except DecodeError:
+        raise
+    except Exception as err:  # PyAV raises many error types for unreadable containers
+        raise DecodeError(f"unreadable container: {_one_line(err)}") from err
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"video stream has no frame size ({width}x{height})")
+    return width, height
+
+
+def decode_video(path: Path, spec: DecodeSpec) -> DecodedVideo:
+    """Decode the sampled frames of one video file (see the module docstring)."""
+    import decord
+
+    path = Path(path)
+    if not path.is_file():
+        raise DecodeError("file not found")
+    if path.stat().st_size == 0:
+        raise DecodeError("empty file (0 bytes)")
+    width, height = resized_size(*probe_size(path), spec.image_size, spec.resize_mode)
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+        n_frames = len(reader)
+        if n_frames < 1:
+            raise DecodeError("video has no frames")
+        keys = list(reader.get_key_indices()) if spec.sampling == KEYFRAME else []
+        indices = sample_indices(spec.sampling, n_frames, spec.frames, keys)
+        frames = reader.get_batch(indices).asnumpy()  # (F, height, width, 3)
+    except DecodeError:
+        raise
+    except Exception as err:  # decord raises DECORDError and plain RuntimeErrors
+        raise DecodeError(f"decoder error: {_one_line(err)}") from err
+    if frames.shape != (spec.frames, height, width, 3):
+        raise DecodeError(f"decoder returned frames of shape {frames.shape}, expected {(spec.frames, height, width, 3)}")
+    return DecodedVideo(center_crop(frames, spec.image_size), np.asarray(indices, dtype=np.int32), n_frames)
+
+
+def decode_image(path: Path, spec: DecodeSpec) -> DecodedVideo:
+    """An image as a one-frame video: resized with PIL bicubic (open_clip's eval transform)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except Exception as err:
+        raise DecodeError(f"unreadable image: {_one_line(err)}") from err
+    size = resized_size(rgb.width, rgb.height, spec.image_size, spec.resize_mode)
+    pixels = np.asarray(rgb.resize(size, Image.BICUBIC))[None]  # (1, h, w, 3)
+    frame = center_crop(pixels, spec.image_size)
+    return DecodedVideo(np.repeat(frame, spec.frames, axis=0), np.zeros(spec.frames, dtype=np.int32), 1)
+
+
+def decode_file(path: Path, kind: str, spec: DecodeSpec) -> DecodedVideo:
+    """Decode one manifest entry; `kind` is the manifest's "video" or "image"."""
+    return decode_image(path, spec) if kind == "image" else decode_video(path, spec)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:300]

@@ -1,0 +1,165 @@
+"""Encode stage: an open_clip vision tower, run in inference mode, frames in, tokens out.
+
+Per frame the tower yields T = 1 + (S / patch)^2 tokens of width D: CLS then patch tokens of
+block `layer` (-1 the last, -2 the penultimate that LLaVA and Video-ChatGPT use), with the
+tower's final LayerNorm applied and before the projection (open_clip's
+`forward_intermediates(..., normalize_intermediates=True)`). For ViT-B-16 at 224 px: 197 x 768.
+
+On a GPU the tower is cast to the chosen precision (not autocast), so PyTorch's fused attention
+kernels run; on the CPU the default is float32. Tokens always leave as float16.
+
+`EncoderSpec` names an encoder; `load_encoder` builds it and reports everything a store must
+record about it (`Encoder.attrs`), including a sha256 of the tower's weights, so that a store,
+a rerun and every actor on a cluster can prove they use the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import ExtractError
+from pipeline.preprocess import RESIZE_MODES, normalize
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "encoder_configs"  # demo-tiny and friends
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RANDOM_WEIGHTS = "none"
+RANDOM_SEED = 0  # `--pretrained none` weights are a function of this seed
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What the user asked for: open_clip model name, weights, block, precision."""
+
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"  # open_clip tag, checkpoint file, or "none"
+    layer: int = -1
+    precision: str = "fp32"
+
+
+class Encoder:
+    """A loaded vision tower. `encode` turns (N, S, S, 3) uint8 frames into (N, T, D) float16."""
+
+    def __init__(self, spec: EncoderSpec, visual: torch.nn.Module, preprocess: dict[str, Any], weights_sha256: str,
+                 device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = PRECISIONS[spec.precision]
+        self.visual = visual.to(device=device, dtype=self.dtype).eval()
+        self.mean = tuple(float(m) for m in preprocess["mean"])
+        self.std = tuple(float(s) for s in preprocess["std"])
+        n_blocks = len(visual.transformer.resblocks)
+        if not -n_blocks <= spec.layer < n_blocks:
+            raise ExtractError(f"--layer {spec.layer} is out of range: {spec.model} has {n_blocks} blocks")
+        self.block = spec.layer % n_blocks
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        grid = visual.grid_size
+        self.attrs: dict[str, Any] = {
+            "model": spec.model,
+            "pretrained": spec.pretrained,
+            "weights_sha256": weights_sha256,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": preprocess.get("interpolation", "bicubic"),
+            "resize_mode": preprocess.get("resize_mode", "shortest"),
+            "precision": spec.precision,
+            "layer": spec.layer,
+            "tokens_per_frame": 1 + grid[0] * grid[1],
+            "width": int(visual.transformer.width),
+        }
+        if self.attrs["resize_mode"] not in RESIZE_MODES:
+            raise ExtractError(f"{spec.model}: resize mode {self.attrs['resize_mode']!r} is not supported")
+
+    @property
+    def fingerprint(self) -> str:
+        return encoder_fingerprint(self.attrs)
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, S, S, 3) uint8 -> (N, T, D) float16, in batches of `batch_size` frames."""
+        out = []
+        for start in range(0, len(frames), batch_size):
+            chunk = torch.from_numpy(frames[start : start + batch_size]).to(self.device, non_blocking=True)
+            x = normalize(chunk, self.mean, self.std, self.dtype)  # (n, 3, S, S)
+            feats = self.visual.forward_intermediates(
+                x,
+                indices=[self.block],
+                stop_early=True,
+                normalize_intermediates=True,  # the tower's final LayerNorm
+                intermediates_only=True,
+                output_fmt="NLC",
+                output_extra_tokens=True,
+            )
+            tokens = torch.cat([feats["image_intermediates_prefix"][0], feats["image_intermediates"][0]], dim=1)
+            out.append(tokens.to(torch.float16).cpu().numpy())  # (n, T, D)
+        return np.concatenate(out) if out else np.zeros((0, self.attrs["tokens_per_frame"], self.attrs["width"]),
+                                                         dtype=np.float16)
+
+
+def encoder_fingerprint(attrs: dict[str, Any]) -> str:
+    """A short id of everything that determines the tokens (spec, weights, preprocessing)."""
+    return hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def register_configs() -> None:
+    """Make the project's own open_clip configs (demo-tiny) known to open_clip."""
+    import open_clip
+
+    if "demo-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the tower's parameters and buffers (names, shapes, float32 bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> Encoder:
+    """Build the tower named by `spec` on `device`; one-line `ExtractError` for user mistakes."""
+    import open_clip
+
+    register_configs()
+    if spec.precision not in PRECISIONS:
+        raise ExtractError(f"unknown precision {spec.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if spec.model not in open_clip.list_models():
+        raise ExtractError(f"unknown encoder {spec.model!r}: not an open_clip model name "
+                           "(see open_clip.list_models()) nor demo-tiny")
+    pretrained = None if spec.pretrained == RANDOM_WEIGHTS else spec.pretrained
+    if pretrained and not Path(pretrained).is_file() and not open_clip.get_pretrained_cfg(spec.model, pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.model)) or "none known"
+        raise ExtractError(f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of {spec.model} "
+                           f"(tags: {tags}); use none for random weights")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = open_clip.create_model(spec.model, pretrained=pretrained, device="cpu")
+    except RuntimeError as err:
+        raise ExtractError(
+            f"could not load weights {spec.pretrained!r} of {spec.model}: {' '.join(str(err).split())[:200]}. "
+            "Without network, download them once where there is one (open_clip caches them under "
+            "~/.cache/huggingface), or pass a checkpoint file with --pretrained PATH, or --pretrained none"
+        ) from err
+    visual = model.visual
+    if not hasattr(visual, "forward_intermediates") or getattr(visual, "attn_pool", None) is not None \
+            or not hasattr(visual, "transformer"):
+        raise ExtractError(f"{spec.model}: only open_clip VisionTransformer towers without attention pooling "
+                           "are supported")
+    preprocess = dict(open_clip.get_model_preprocess_cfg(model))
+    sha = weights_sha256(visual)
+    return Encoder(spec, visual, preprocess, sha, torch.device(device))

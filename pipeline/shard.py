@@ -1,0 +1,82 @@
+"""A shard in the making: per-row outcomes collected, then one `ShardResult` for the writer.
+
+The orchestrator (Ray) and the in-process driver below fill the same buffer, so the rules
+(failed rows keep zero tokens and a reason; every row ends ok or failed) live in one place.
+`extract_shard_local` is the whole pipeline for one shard without Ray: for benchmarks, a GPU
+machine without Ray, and `chat --video`. It decodes in this process, so it has no protection
+against a decoder that hangs or crashes; the Ray orchestrator has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from manifests.manifest import VideoEntry
+from pipeline.decode import DecodedVideo, DecodeSpec, decode_file
+from pipeline.encoder import Encoder
+from pipeline.errors import DecodeError
+from pipeline.store import FAILED, OK, ShardResult
+
+
+class ShardBuffer:
+    """Outcomes of the rows of one shard, in any order."""
+
+    def __init__(self, shard: int, entries: list[VideoEntry], frames: int, tokens_per_frame: int, width: int) -> None:
+        self.shard = shard
+        self.entries = entries
+        self.start = entries[0].row
+        n = len(entries)
+        self.tokens = np.zeros((n, frames, tokens_per_frame, width), dtype=np.float16)
+        self.frame_index = np.zeros((n, frames), dtype=np.int32)
+        self.n_frames = np.zeros(n, dtype=np.int32)
+        self.status = np.zeros(n, dtype=np.uint8)
+        self.failures: dict[int, str] = {}
+
+    def put(self, row: int, tokens: np.ndarray, frame_index: np.ndarray, n_frames: int) -> None:
+        i = row - self.start
+        self.tokens[i] = tokens
+        self.frame_index[i] = frame_index
+        self.n_frames[i] = n_frames
+        self.status[i] = OK
+
+    def fail(self, row: int, reason: str) -> None:
+        self.failures[row] = reason
+        self.status[row - self.start] = FAILED
+
+    @property
+    def complete(self) -> bool:
+        return bool((self.status != 0).all())
+
+    def result(self) -> ShardResult:
+        failures = [{"row": row, "video_id": self.entries[row - self.start].video_id, "reason": reason}
+                    for row, reason in sorted(self.failures.items())]
+        return ShardResult(self.shard, self.start, self.tokens, self.frame_index, self.n_frames, self.status, failures)
+
+
+def decode_entry(video_root: Path, entry: VideoEntry, spec: DecodeSpec) -> DecodedVideo | str:
+    """Decode one manifest row; a bad file gives its reason instead of raising."""
+    try:
+        return decode_file(video_root / entry.path, entry.kind, spec)
+    except DecodeError as err:
+        return str(err)
+
+
+def extract_shard_local(video_root: Path, shard: int, entries: list[VideoEntry], spec: DecodeSpec, encoder: Encoder,
+                        batch_size: int = 256) -> ShardResult:
+    """Decode and encode one shard in this process (no Ray, no hang protection)."""
+    attrs = encoder.attrs
+    buffer = ShardBuffer(shard, entries, spec.frames, attrs["tokens_per_frame"], attrs["width"])
+    decoded: list[tuple[VideoEntry, DecodedVideo]] = []
+    for entry in entries:
+        outcome = decode_entry(video_root, entry, spec)
+        if isinstance(outcome, str):
+            buffer.fail(entry.row, outcome)
+        else:
+            decoded.append((entry, outcome))
+    if decoded:
+        tokens = encoder.encode(np.concatenate([d.frames for _, d in decoded]), batch_size)  # (V*F, T, D)
+        for i, (entry, d) in enumerate(decoded):
+            buffer.put(entry.row, tokens[i * spec.frames : (i + 1) * spec.frames], d.frame_index, d.n_frames)
+    return buffer.result()
