@@ -67,9 +67,9 @@ def decode_video(path: Path, spec: DecodeSpec) -> DecodedVideo:
     import decord
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DecodeError("file not found")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise DecodeError("empty file (0 bytes)")
     width, height = resized_size(*probe_size(path), spec.image_size, spec.resize_mode)
     try:

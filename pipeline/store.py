@@ -111,7 +111,9 @@ def open_or_create(path: Path, attrs: dict[str, Any]) -> zarr.Group:
         elif attrs["n_rows"] < group.attrs["n_rows"]:
             raise ExtractError(f"{path} holds {group.attrs['n_rows']} rows but the manifest only "
                                f"{attrs['n_rows']}: a manifest never shrinks; use a new store")
-        group.attrs.update({"manifest_fingerprint": attrs["manifest_fingerprint"], "n_rows": attrs["n_rows"]})
+        grown = {k: attrs[k] for k in ("manifest_fingerprint", "n_rows") if group.attrs[k] != attrs[k]}
+        if grown:  # a rerun of a finished job writes nothing at all
+            group.attrs.update(grown)
         return group
     if path.exists() and any(path.iterdir()):
         raise ExtractError(f"{path} exists and is not a feature store; choose a new --store path")

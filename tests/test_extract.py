@@ -1,0 +1,300 @@
+"""Extraction end to end on a small demo corpus with bad files mixed in (issue 3).
+
+References are independent of the pipeline: frames read directly with decord, cropped and
+normalised with torchvision, encoded by open_clip's own vision-tower forward; frame indices
+from the sampling formula written out here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import decord
+import numpy as np
+import open_clip
+import pytest
+import torch
+import zarr
+from torchvision import transforms
+
+from manifests.build import ManifestConfig, build_manifest
+from manifests.demo_corpus import make_demo_corpus
+from manifests.manifest import load_manifest
+from pipeline.encoder import RANDOM_SEED, register_configs
+from pipeline.errors import ExtractError
+from pipeline.extract import ExtractConfig, extract
+
+ROOT = Path(__file__).resolve().parents[1]
+F = 6  # frames per video in these tests
+GOOD_EXTRA = {"one_frame": 1, "three_frames": 3}  # short videos that must extract fine (repeats)
+BAD = ("zero_bytes", "truncated", "random_bytes", "text_file", "audio_only")
+
+
+def _write_video(path: Path, frames: int, size=(160, 120), fps=25) -> None:
+    rng = np.random.default_rng(frames)
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.codec_context.time_base = Fraction(1, fps)
+        s.width, s.height, s.pix_fmt = *size, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "rgb24")
+            frame.pts = i
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+
+
+def _write_audio_only(path: Path) -> None:
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("aac", rate=16000)
+        samples = np.zeros((1, 16000), dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in s.encode(frame):
+            c.mux(packet)
+        c.mux(s.encode())
+
+
+def _make_corpus(root: Path) -> dict[str, Path]:
+    """Demo videos + short videos + bad files; returns instruction files for with/without bad."""
+    make_demo_corpus(root, n_videos=5, seed=1)
+    videos = root / "videos"
+    for name, n in GOOD_EXTRA.items():
+        _write_video(videos / f"{name}.mp4", n)
+    good = sorted(p.stem for p in videos.glob("*.mp4"))
+    any_video = (videos / f"{good[0]}.mp4").read_bytes()
+    (videos / "zero_bytes.mp4").write_bytes(b"")
+    (videos / "truncated.mp4").write_bytes(any_video[: len(any_video) // 3])
+    (videos / "random_bytes.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
+    (videos / "text_file.mp4").write_text("this is not a video\n" * 100)
+    _write_audio_only(videos / "audio_only.mp4")
+    files = {}
+    for label, ids in (("all", good + list(BAD)), ("good", good)):
+        records = [{"q": f"What is in {v}?", "a": "Something.", "video_id": v} for v in ids]
+        files[label] = root / f"instructions_{label}.json"
+        files[label].write_text(json.dumps(records))
+    return files
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    files = _make_corpus(root)
+    manifests = {}
+    for label, instructions in files.items():
+        out = root / f"manifest_{label}"
+        build_manifest(ManifestConfig(instructions, root / "videos", out, shard_size=3))
+        manifests[label] = out
+    return root, manifests
+
+
+def _extract(manifest: Path, store: Path, **kw) -> object:
+    cfg = ExtractConfig(manifest=manifest, store=store, encoder="demo-tiny", pretrained="none", frames=F,
+                        batch_size=16, decode_timeout_s=30, **kw)
+    return extract(cfg)
+
+
+@pytest.fixture(scope="module")
+def store_all(corpus, ray_cluster, tmp_path_factory):
+    root, manifests = corpus
+    store = tmp_path_factory.mktemp("stores") / "all.zarr"
+    summary = _extract(manifests["all"], store)
+    return store, summary
+
+
+@pytest.fixture(scope="module")
+def reference_tower():
+    """open_clip's own demo-tiny tower with the documented `--pretrained none` seed."""
+    register_configs()
+    torch.manual_seed(RANDOM_SEED)
+    model = open_clip.create_model("demo-tiny", pretrained=None)
+    return model.visual.eval()
+
+
+def _reference_tokens(visual, path: Path, indices: list[int], size: int, block: int) -> np.ndarray:
+    """decord read at the resized size, torchvision crop + normalise, open_clip forward with a
+    hook on block `block`, then the tower's final LayerNorm."""
+    width, height = av.open(str(path)).streams.video[0].codec_context.width, \
+        av.open(str(path)).streams.video[0].codec_context.height
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    w, h = (new_long, size) if width >= height else (size, new_long)
+    frames = decord.VideoReader(str(path), width=w, height=h).get_batch(indices).asnumpy()
+    tf = transforms.Compose([transforms.CenterCrop(size), transforms.Normalize(open_clip.OPENAI_DATASET_MEAN,
+                                                                               open_clip.OPENAI_DATASET_STD)])
+    x = tf(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0)
+    captured = {}
+    hook = visual.transformer.resblocks[block].register_forward_hook(lambda m, i, o: captured.update(out=o))
+    with torch.no_grad():
+        visual(x)
+        out = visual.ln_post(captured["out"])
+    hook.remove()
+    return out.numpy()
+
+
+def _uniform(n: int, f: int) -> list[int]:
+    return [int(np.floor((i + 0.5) * n / f)) for i in range(f)]
+
+
+def test_store_opens_with_plain_zarr_and_records_its_making(store_all, corpus):
+    store, summary = store_all
+    g = zarr.open_group(store, mode="r")
+    manifest = load_manifest(corpus[1]["all"])
+    n = len(manifest.videos)
+    assert g["tokens"].shape == (n, F, 37, 64) and g["tokens"].dtype == np.float16
+    assert g["frame_index"].shape == (n, F) and g["n_frames"].shape == (n,) and g["status"].shape == (n,)
+    attrs = dict(g.attrs)
+    assert attrs["encoder"]["model"] == "demo-tiny" and attrs["encoder"]["pretrained"] == "none"
+    assert attrs["frames"] == F and attrs["sampling"] == "uniform" and attrs["encoder"]["layer"] == -1
+    assert attrs["manifest_fingerprint"] == manifest.fingerprint and attrs["shard_size"] == 3
+    assert summary.shards_written == manifest.n_shards
+    commits = sorted((store / "commits").glob("shard-*.json"))
+    assert len(commits) == manifest.n_shards
+
+
+def test_frame_index_and_tokens_match_decord_and_open_clip(store_all, corpus, reference_tower):
+    store, _ = store_all
+    g = zarr.open_group(store, mode="r")
+    manifest = load_manifest(corpus[1]["all"])
+    checked = 0
+    for entry in manifest.videos:
+        if entry.video_id in BAD:
+            continue
+        path = manifest.video_root / entry.path
+        n = len(decord.VideoReader(str(path)))
+        expected = _uniform(n, F)
+        assert g["n_frames"][entry.row] == n
+        assert g["frame_index"][entry.row].tolist() == expected, entry.video_id
+        ref = _reference_tokens(reference_tower, path, expected, 96, -1)
+        np.testing.assert_allclose(g["tokens"][entry.row].astype(np.float32), ref, rtol=2e-3, atol=3e-3)
+        checked += 1
+    assert checked == 5 + len(GOOD_EXTRA)
+
+
+def test_bad_files_are_recorded_and_good_rows_unchanged(store_all, corpus, tmp_path):
+    store, _ = store_all
+    manifest = load_manifest(corpus[1]["all"])
+    g = zarr.open_group(store, mode="r")
+    reasons = {}
+    for commit in (store / "commits").glob("shard-*.json"):
+        for failure in json.loads(commit.read_text())["failures"]:
+            reasons[failure["video_id"]] = failure["reason"]
+    assert set(reasons) == set(BAD)
+    assert reasons["zero_bytes"] == "empty file (0 bytes)"
+    for name in ("truncated", "random_bytes", "text_file"):
+        assert reasons[name].startswith(("unreadable container", "decoder error")), reasons[name]
+    assert reasons["audio_only"] == "no video stream"
+    status = {e.video_id: int(g["status"][e.row]) for e in manifest.videos}
+    assert all(status[v] == (2 if v in BAD else 1) for v in status)
+    assert int(g["n_frames"][[e.row for e in manifest.videos if e.video_id == "one_frame"][0]]) == 1
+
+    clean = tmp_path / "good.zarr"
+    _extract(corpus[1]["good"], clean)
+    good_manifest = load_manifest(corpus[1]["good"])
+    h = zarr.open_group(clean, mode="r")
+    rows = {e.video_id: e.row for e in manifest.videos}
+    for e in good_manifest.videos:
+        for name in ("tokens", "frame_index", "n_frames", "status"):
+            np.testing.assert_array_equal(g[name][rows[e.video_id]], h[name][e.row])
+
+
+def test_rerun_does_nothing(store_all, corpus):
+    store, _ = store_all
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    summary = _extract(corpus[1]["all"], store)
+    assert summary.shards_written == 0 and summary.ok == 0
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before
+
+
+def test_incompatible_store_is_refused(store_all, corpus):
+    store, _ = store_all
+    with pytest.raises(ExtractError, match="frames"):
+        extract(ExtractConfig(manifest=corpus[1]["all"], store=store, encoder="demo-tiny", pretrained="none",
+                              frames=F + 1))
+    with pytest.raises(ExtractError, match="layer"):
+        _extract(corpus[1]["all"], store, layer=-2)
+    with pytest.raises(ExtractError, match="another manifest"):
+        _extract(corpus[1]["good"], store)
+
+
+def test_keyframe_sampling_and_penultimate_layer(corpus, ray_cluster, tmp_path, reference_tower):
+    store = tmp_path / "key.zarr"
+    _extract(corpus[1]["good"], store, sampling="keyframe", layer=-2)
+    manifest = load_manifest(corpus[1]["good"])
+    g = zarr.open_group(store, mode="r")
+    for entry in manifest.videos:
+        path = manifest.video_root / entry.path
+        reader = decord.VideoReader(str(path))
+        keys = list(reader.get_key_indices())
+        positions = _uniform(len(reader), F)
+        expected = [min(keys, key=lambda k: (abs(k - p), k)) for p in positions]
+        assert g["frame_index"][entry.row].tolist() == expected
+        ref = _reference_tokens(reference_tower, path, expected, 96, -2)
+        np.testing.assert_allclose(g["tokens"][entry.row].astype(np.float32), ref, rtol=2e-3, atol=3e-3)
+
+
+def test_hung_decoder_is_killed_and_recorded(tmp_path, ray_cluster):
+    """A FIFO never delivers a byte: the decoder blocks in native code until it is killed."""
+    root = tmp_path / "videos"
+    root.mkdir()
+    _write_video(root / "fine.mp4", 10)
+    (root / "hangs.mp4").write_bytes(b"placeholder")
+    instructions = tmp_path / "i.json"
+    instructions.write_text(json.dumps([{"q": "q?", "a": "a.", "video_id": v} for v in ("fine", "hangs")]))
+    build_manifest(ManifestConfig(instructions, root, tmp_path / "m"))
+    (root / "hangs.mp4").unlink()
+    os.mkfifo(root / "hangs.mp4")
+    cfg = ExtractConfig(manifest=tmp_path / "m", store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
+                        frames=F, decode_timeout_s=4)
+    summary = extract(cfg)
+    assert (summary.ok, summary.failed) == (1, 1)
+    commit = json.loads((tmp_path / "s.zarr" / "commits" / "shard-000000.json").read_text())
+    assert commit["failures"][0]["video_id"] == "hangs"
+    assert "timed out" in commit["failures"][0]["reason"]
+
+
+def test_kill_9_then_rerun_gives_identical_tokens(store_all, corpus, ray_cluster, tmp_path):
+    reference, _ = store_all
+    store = tmp_path / "killed.zarr"
+    cmd = [sys.executable, str(ROOT / "run_extract.py"), "extract", "--manifest", str(corpus[1]["all"]),
+           "--store", str(store), "--encoder", "demo-tiny", "--pretrained", "none", "--frames", str(F),
+           "--batch-size", "6", "--ray-address", ray_cluster]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n_shards = load_manifest(corpus[1]["all"]).n_shards
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if store.exists() and list((store / "commits").glob("*.json")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(list((store / "commits").glob("*.json")))
+    assert 1 <= committed < n_shards, "the kill did not land mid-job"
+    summary = _extract(corpus[1]["all"], store)
+    assert summary.shards_written == n_shards - committed
+    a, b = zarr.open_group(reference, mode="r"), zarr.open_group(store, mode="r")
+    for name in ("tokens", "frame_index", "n_frames", "status"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_real_size_vit_b_16(corpus, ray_cluster, tmp_path):
+    root, _ = corpus
+    ids = sorted(json.loads((root / "labels.json").read_text()))[:2]
+    instructions = tmp_path / "i.json"
+    instructions.write_text(json.dumps([{"q": "q?", "a": "a.", "video_id": v} for v in ids]))
+    build_manifest(ManifestConfig(instructions, root / "videos", tmp_path / "m"))
+    cfg = ExtractConfig(manifest=tmp_path / "m", store=tmp_path / "vitb.zarr", encoder="ViT-B-16", pretrained="none",
+                        frames=2, batch_size=4)
+    summary = extract(cfg)
+    assert (summary.ok, summary.failed) == (2, 0)
+    g = zarr.open_group(tmp_path / "vitb.zarr", mode="r")
+    assert g["tokens"].shape == (2, 2, 197, 768)
+    assert np.isfinite(g["tokens"][:].astype(np.float32)).all() and np.abs(g["tokens"][:]).max() > 0
