@@ -171,3 +171,14 @@ class GenerationConfig(_FromDict):
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much mass
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
     stop_ids: tuple[int, ...] = ()  # a sample stops at any of these (the stop token is not output)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))  # a JSON list works too
+        if self.max_new_tokens < 0 or self.temperature < 0:
+            raise ValueError("GenerationConfig: max_new_tokens and temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationConfig: top_p must be in (0, 1], not {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"GenerationConfig: repetition_penalty must be > 0, not {self.repetition_penalty}"
+            )

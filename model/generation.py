@@ -79,7 +79,7 @@ def stream_generate(
             f"prompt ({P}) + max_new_tokens ({gen.max_new_tokens}) exceed the model's "
             f"max_seq_len {model.cfg.lm.max_seq_len}"
         )
-    embeddings = model.embed(ids, video)
+    embeddings = model.embed(ids, video, mask)
     cache = KVCache(model.cfg.lm, B, P + gen.max_new_tokens, device, embeddings.dtype)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P), real tokens from 0
     logits = model.lm(embeddings=embeddings, attention_mask=mask, positions=positions, cache=cache)

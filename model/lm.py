@@ -108,8 +108,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = cached + L
+        if mask is not None:  # SDPA's flash and mem-efficient kernels refuse GQA with a mask
+            n_rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=mask is None
         )  # (B, H, L, hd)
         return self.wo(y.transpose(1, 2).reshape(B, L, -1))
 

@@ -110,7 +110,7 @@ def _read_tensors(path: Path) -> StateDict:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: cannot read tensors ({first_line})") from err
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -169,7 +169,10 @@ def _hf_config(directory: Path) -> LMConfig:
     if not config_file.is_file():
         raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face model directory)")
     try:
-        return _llama_config(json.loads(config_file.read_text()))
+        hf = json.loads(config_file.read_text())
+        if not isinstance(hf, dict):
+            raise ValueError("not a JSON object")
+        return _llama_config(hf)
     except KeyError as err:
         raise CheckpointError(f"{config_file}: incomplete Llama config (no {err.args[0]})") from err
     except ValueError as err:  # bad JSON, another architecture, inconsistent dims

@@ -102,12 +102,12 @@ class VideoSummary(nn.Module):
 
     def forward(self, video: Tensor) -> Tensor:
         B, n_frames, T, D = video.shape
+        if self.frame_pos is not None and n_frames > self.cfg.n_frames:
+            raise ValueError(
+                f"video has {n_frames} frames; the frame-position table holds {self.cfg.n_frames}"
+            )
         spatial = self.spatial(video.reshape(B, n_frames * T, D))  # (B, Q, D)
         if self.frame_pos is not None:
-            if n_frames > self.cfg.n_frames:
-                raise ValueError(
-                    f"video has {n_frames} frames; the frame-position table holds {self.cfg.n_frames}"
-                )
             video = video + self.frame_pos[:n_frames, None, :]  # every token of frame f gets pos f
         temporal = self.temporal(video.reshape(B, n_frames * T, D))  # (B, Q, D)
         if self.cfg.combine == "sum":

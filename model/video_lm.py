@@ -58,17 +58,24 @@ class VideoLM(nn.Module):
         """Load a pretrained MiniMind file or Hugging Face Llama directory into ``self.lm``."""
         load_lm(self.lm, path)
 
-    def embed(self, input_ids: Tensor, video: Tensor | None) -> Tensor:
+    def embed(
+        self, input_ids: Tensor, video: Tensor | None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """Token embeddings (B, L, dim) with each placeholder run replaced by the video's tokens.
 
         video: (B, F, T, D) frame tokens, any float dtype (cast to the model's), or None.
+        attention_mask: (B, L), 0/False on padding, so that a pad id equal to the placeholder
+        id is not taken for a placeholder.
         """
         embeddings = self.lm.tok_embeddings(input_ids)  # (B, L, dim)
         if video is None:
             return embeddings
+        is_placeholder = input_ids == self.cfg.video_token_id  # (B, L)
+        if attention_mask is not None:
+            is_placeholder &= attention_mask.bool()
         video = video.to(self.lm.tok_embeddings.weight.dtype)
         video_tokens = self.projector(self.summary(video))  # (B, N, dim)
-        return splice_video_tokens(embeddings, input_ids == self.cfg.video_token_id, video_tokens)
+        return splice_video_tokens(embeddings, is_placeholder, video_tokens)
 
     def forward(
         self,
@@ -83,11 +90,15 @@ class VideoLM(nn.Module):
         video: (B, F, T, D) or None; labels: (B, L) long aligned with input_ids (labels[:, t] is
         the token at position t; the shift happens here), -100 where no loss is wanted.
         """
-        embeddings = self.embed(input_ids, video)
-        logits = self.lm(embeddings=embeddings, attention_mask=attention_mask)
+        embeddings = self.embed(input_ids, video, attention_mask)
+        # Causality already hides right padding from real positions, so the LM gets no mask
+        # and runs SDPA's fused causal kernel (padded positions must carry label -100).
+        logits = self.lm(embeddings=embeddings)
         if labels is None:
             return logits, None
+        targets = labels[:, 1:].flatten()  # (B*(L-1),)
         loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum"
         )
-        return logits, loss
+        # a batch with no labelled target (an answer cut off by truncation) gives 0, not NaN
+        return logits, loss / (targets != -100).sum().clamp(min=1)
