@@ -57,6 +57,83 @@ def cmd_extract(args: argparse.Namespace) -> None:
     print(extract(cfg))
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shard numbers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_rebuild(args: argparse.Namespace) -> None:
+    from pipeline.extract import RebuildConfig, rebuild
+
+    cfg = RebuildConfig(
+        manifest=args.manifest,
+        store=args.store,
+        shards=args.shards,
+        failed=args.failed,
+        videos=args.videos,
+        batch_size=args.batch_size,
+        ray_address=args.ray_address,
+        decoders=args.decoders,
+        decode_timeout_s=args.decode_timeout,
+    )
+    print(rebuild(cfg))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from pipeline.inspect import status
+
+    result = status(args.store)
+    print(result.to_json() if args.json else "\n".join(result.lines()))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.inspect import verify
+
+    problems = verify(args.store, args.manifest)
+    for line in problems:
+        print(line)
+    print(f"{args.store}: {'intact' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_export_hdf5(args: argparse.Namespace) -> None:
+    from pipeline.hdf5 import export_hdf5
+
+    n = export_hdf5(args.store, args.out, args.split, args.manifest)
+    print(f"{args.out}: {n} rows exported")
+
+
+def cmd_import_hdf5(args: argparse.Namespace) -> None:
+    from pipeline.hdf5 import import_hdf5
+
+    n = import_hdf5(args.h5, args.store)
+    print(f"{args.store}: {n} rows imported")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from pipeline.contact_sheet import show
+
+    print(show(args.store, args.manifest, args.video, args.out))
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of how extraction runs (not what it computes): shared by extract and rebuild."""
+    p.add_argument("--batch-size", type=int, default=256, help="frames per encoder forward, across videos (default: 256)")
+    p.add_argument("--ray-address", default=None,
+                   help="join a Ray cluster: auto or HOST:PORT (default: start a local cluster sized to this machine)")
+    p.add_argument("--decoders", type=int, default=None,
+                   help="concurrent decode tasks (default: CPUs minus one per GPU encoder; a quarter of the CPUs "
+                        "on a CPU-only cluster, the rest encode)")
+    p.add_argument("--decode-timeout", type=float, default=120.0,
+                   help="seconds before a video's decode is killed and recorded as a hang (default: 120)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_extract.py",
@@ -112,16 +189,65 @@ def build_parser() -> argparse.ArgumentParser:
                         "(faster, approximate timing) (default: uniform)")
     p.add_argument("--layer", type=int, default=-1,
                    help="transformer block whose tokens are stored: -1 last, -2 penultimate (LLaVA) (default: -1)")
-    p.add_argument("--batch-size", type=int, default=256, help="frames per encoder forward, across videos (default: 256)")
-    p.add_argument("--ray-address", default=None,
-                   help="join a Ray cluster: auto or HOST:PORT (default: start a local cluster sized to this machine)")
-    p.add_argument("--decoders", type=int, default=None,
-                   help="concurrent decode tasks (default: the cluster's CPUs minus those the encoders use)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="encoder precision (default: fp16 on GPU, fp32 on CPU); tokens are always stored as float16")
-    p.add_argument("--decode-timeout", type=float, default=120.0,
-                   help="seconds before a video's decode is killed and recorded as a hang (default: 120)")
+                   help="encoder precision (default: the store's if it exists, else fp16 on GPU, fp32 on CPU); "
+                        "tokens are always stored as float16")
+    _add_run_flags(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("rebuild", help="re-extract chosen shards of a store in place",
+                       description="Re-extract exactly the chosen shards with the store's own encoder settings and "
+                                   "replace their commit records; every other shard's files stay byte-identical.")
+    p.add_argument("--manifest", type=Path, required=True, help="manifest folder the store was made from")
+    p.add_argument("--store", type=Path, required=True, help="feature store to repair")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--shards", type=_int_list, help="comma-separated shard numbers, e.g. 3,7")
+    which.add_argument("--failed", action="store_true", help="every shard holding a failed row")
+    which.add_argument("--videos", type=_str_list, help="comma-separated video ids: the shards holding them")
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("status", help="rows ok/failed/pending, shards done, failures by reason, encoder",
+                       description="Summarise a feature store: rows by status, shards committed, failures grouped "
+                                   "by reason with their video ids, how the store was made, its size on disk.")
+    p.add_argument("--store", type=Path, required=True, help="feature store")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("verify", help="check every shard against its commit record; non-zero exit on any problem",
+                       description="Recompute each shard's checksum against its commit record; check shapes, "
+                                   "dtypes, finite values, the status array, the attributes, and (with --manifest) "
+                                   "that the store belongs to that manifest. Prints problems shard by shard.")
+    p.add_argument("--store", type=Path, required=True, help="feature store")
+    p.add_argument("--manifest", type=Path, default=None, help="also check the store against this manifest")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export-hdf5", help="write the store (or one split) to one HDF5 file",
+                       description="Export arrays, attributes and commit records to one HDF5 file, chunked one "
+                                   "video per chunk, for single-file interchange.")
+    p.add_argument("--store", type=Path, required=True, help="feature store")
+    p.add_argument("--out", type=Path, required=True, help="HDF5 file to write (e.g. features.h5)")
+    p.add_argument("--split", choices=("train", "val"), default=None,
+                   help="only this split's rows (needs --manifest); such a file cannot be imported back")
+    p.add_argument("--manifest", type=Path, default=None, help="manifest folder, for --split")
+    p.set_defaults(func=cmd_export_hdf5)
+
+    p = sub.add_parser("import-hdf5", help="make a Zarr store from a full HDF5 export",
+                       description="Recreate a feature store (arrays, attributes, commit records) from a full "
+                                   "export-hdf5 file.")
+    p.add_argument("--h5", type=Path, required=True, help="HDF5 file written by export-hdf5")
+    p.add_argument("--store", type=Path, required=True, help="new feature store path to create")
+    p.set_defaults(func=cmd_import_hdf5)
+
+    p = sub.add_parser("show", help="contact sheet PNG of the frames the encoder saw for one video",
+                       description="Decode the video again at the stored frame indices, crop as the encoder did, "
+                                   "and tile the F frames with index and timestamp; shows the status and, for a "
+                                   "failed video, its reason.")
+    p.add_argument("--store", type=Path, required=True, help="feature store")
+    p.add_argument("--manifest", type=Path, required=True, help="manifest folder the store was made from")
+    p.add_argument("--video", required=True, help="video id")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_show)
     return parser
 
 
@@ -130,15 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for package in ("manifests", "pipeline"):  # our progress lines; third-party chatter stays at WARNING
         logging.getLogger(package).setLevel(logging.INFO)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        return func(args) or 0
     except (ValueError, FileNotFoundError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

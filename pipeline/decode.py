@@ -62,8 +62,9 @@ def probe_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def decode_video(path: Path, spec: DecodeSpec) -> DecodedVideo:
-    """Decode the sampled frames of one video file (see the module docstring)."""
+def decode_video(path: Path, spec: DecodeSpec, indices: list[int] | None = None) -> DecodedVideo:
+    """Decode the sampled frames of one video file (see the module docstring); `indices`
+    overrides the sampling (to see again exactly the frames a store recorded)."""
     import decord
 
     path = Path(path)
@@ -77,15 +78,16 @@ def decode_video(path: Path, spec: DecodeSpec) -> DecodedVideo:
         n_frames = len(reader)
         if n_frames < 1:
             raise DecodeError("video has no frames")
-        keys = list(reader.get_key_indices()) if spec.sampling == KEYFRAME else []
-        indices = sample_indices(spec.sampling, n_frames, spec.frames, keys)
+        if indices is None:
+            keys = list(reader.get_key_indices()) if spec.sampling == KEYFRAME else []
+            indices = sample_indices(spec.sampling, n_frames, spec.frames, keys)
         frames = reader.get_batch(indices).asnumpy()  # (F, height, width, 3)
     except DecodeError:
         raise
     except Exception as err:  # decord raises DECORDError and plain RuntimeErrors
         raise DecodeError(f"decoder error: {_one_line(err)}") from err
-    if frames.shape != (spec.frames, height, width, 3):
-        raise DecodeError(f"decoder returned frames of shape {frames.shape}, expected {(spec.frames, height, width, 3)}")
+    if frames.shape != (len(indices), height, width, 3):
+        raise DecodeError(f"decoder returned frames of shape {frames.shape}, expected {(len(indices), height, width, 3)}")
     return DecodedVideo(center_crop(frames, spec.image_size), np.asarray(indices, dtype=np.int32), n_frames)
 
 

@@ -27,7 +27,8 @@ from pipeline.encoder import EncoderSpec, load_encoder
 from pipeline.errors import ExtractError
 from pipeline.sampling import SAMPLING_POLICIES
 from pipeline.shard import extract_shard_local
-from pipeline.store import ShardResult, open_or_create, pending_shards, store_attrs, write_shard
+from pipeline.inspect import open_store
+from pipeline.store import FAILED, ShardResult, open_or_create, pending_shards, store_attrs, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,50 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         counts = distributed.run(plan, res, write)
     summary.ok, summary.failed = counts["ok"], counts["failed"]
     return summary
+
+
+@dataclass
+class RebuildConfig:
+    """What `run_extract.py rebuild` redoes: explicit shards, the shards holding failed rows,
+    or the shards holding the named videos. The store's own encoder settings are reused."""
+
+    manifest: Path
+    store: Path
+    shards: list[int] | None = None
+    failed: bool = False
+    videos: list[str] | None = None
+    batch_size: int = 256
+    ray_address: str | None = None
+    decoders: int | None = None
+    decode_timeout_s: float = 120.0
+
+
+def rebuild(cfg: RebuildConfig) -> ExtractSummary:
+    """Re-extract exactly the chosen shards in place; every other shard's files stay untouched."""
+    if sum([cfg.shards is not None, cfg.failed, cfg.videos is not None]) != 1:
+        raise ExtractError("rebuild needs exactly one of --shards, --failed, --videos")
+    group = open_store(cfg.store)
+    attrs = dict(group.attrs)
+    shard_size = attrs["shard_size"]
+    if cfg.shards is not None:
+        shards = sorted(set(cfg.shards))
+    elif cfg.failed:
+        shards = sorted({int(row) // shard_size for row in np.flatnonzero(group["status"][:] == FAILED)})
+    else:
+        rows = {e.video_id: e.row for e in load_manifest(cfg.manifest).videos}
+        unknown = [v for v in cfg.videos if v not in rows]
+        if unknown:
+            raise ExtractError(f"not in the manifest: {', '.join(unknown)}")
+        shards = sorted({rows[v] // shard_size for v in cfg.videos})
+    enc = attrs["encoder"]
+    if not shards:
+        log.info("nothing to rebuild")
+    return extract(ExtractConfig(
+        manifest=cfg.manifest, store=cfg.store, encoder=enc["model"], pretrained=enc["pretrained"],
+        frames=attrs["frames"], sampling=attrs["sampling"], layer=enc["layer"], batch_size=cfg.batch_size,
+        ray_address=cfg.ray_address, decoders=cfg.decoders, precision=enc["precision"],
+        decode_timeout_s=cfg.decode_timeout_s, shards=shards,
+    ))
 
 
 def encode_video_file(video_path: Path, store_attrs: dict[str, Any], device: str = "cpu") -> np.ndarray:

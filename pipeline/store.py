@@ -41,6 +41,9 @@ TOKEN_LAYOUT = "cls+patches"
 COMMITS = "commits"
 # what must agree between a store and a request to extend it (the manifest is checked apart)
 SPEC_KEYS = ("encoder_fingerprint", "frames", "sampling")
+# attributes that fix what the tokens mean; each commit records their hash (growth changes none)
+MEANING_KEYS = ("format_version", "encoder", "encoder_fingerprint", "frames", "sampling", "token_layout",
+                "tokens_per_frame", "width", "manifest_id", "shard_size")
 
 
 @dataclass
@@ -82,6 +85,12 @@ def store_attrs(encoder_attrs: dict[str, Any], fingerprint: str, frames: int, sa
 def rows_sha256(entries: list[VideoEntry]) -> str:
     """Fingerprint of a shard's manifest rows: changes when a row's file or id changes."""
     return hashlib.sha256("".join(jsonl_line(entry_record(e)) for e in entries).encode()).hexdigest()
+
+
+def spec_sha256(attrs: dict[str, Any]) -> str:
+    """Hash of the attributes that fix what the tokens mean (`MEANING_KEYS`)."""
+    meaning = {k: attrs.get(k) for k in MEANING_KEYS}
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True).encode()).hexdigest()
 
 
 def data_sha256(result_or_group: ShardResult | zarr.Group, start: int = 0, stop: int = 0) -> str:
@@ -196,6 +205,7 @@ def write_shard(group: zarr.Group, store: Path, result: ShardResult, manifest: M
         "failures": result.failures,
         "data_sha256": data_sha256(result),
         "encoder_fingerprint": group.attrs["encoder_fingerprint"],
+        "spec_sha256": spec_sha256(dict(group.attrs)),
         "rows_sha256": rows_sha256(manifest.shard_rows(result.shard)),
     }
     target = commit_path(store, result.shard)

@@ -1,0 +1,164 @@
+"""What a curator asks of a finished store: `status` (what is in it) and `verify` (is it intact).
+
+`verify` trusts nothing it can recompute: each shard's data checksum against its commit record,
+shapes and dtypes against the attributes, finite tokens, the status array against the commit
+records, and (with a manifest) that the store belongs to that manifest and every shard's commit
+names the manifest's current rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from manifests.manifest import load_manifest
+from pipeline.encoder import encoder_fingerprint
+from pipeline.errors import ExtractError
+from pipeline.store import FAILED, OK, PENDING, data_sha256, read_commit, rows_sha256, spec_sha256
+
+
+def open_store(path: Path) -> zarr.Group:
+    path = Path(path).expanduser().resolve()
+    if not (path / "zarr.json").is_file():
+        raise ExtractError(f"{path} is not a feature store (no zarr.json); make one with `run_extract.py extract`")
+    return zarr.open_group(path, mode="r")
+
+
+def _size_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@dataclass
+class StoreStatus:
+    store: str
+    rows: int
+    ok: int
+    failed: int
+    pending: int
+    shards_done: int
+    shards_total: int
+    failures_by_reason: dict[str, list[str]] = field(default_factory=dict)
+    encoder: dict[str, Any] = field(default_factory=dict)
+    frames: int = 0
+    sampling: str = ""
+    bytes_on_disk: int = 0
+
+    def lines(self) -> list[str]:
+        e = self.encoder
+        out = [
+            f"store    {self.store}",
+            f"rows     {self.rows}: ok {self.ok}, failed {self.failed}, pending {self.pending}",
+            f"shards   {self.shards_done}/{self.shards_total} done",
+            f"encoder  {e['model']} ({e['pretrained']}), layer {e['layer']}, {e['precision']}, "
+            f"{e['image_size']} px, {e['tokens_per_frame']} x {e['width']} tokens per frame",
+            f"frames   {self.frames} per video, {self.sampling} sampling",
+            f"size     {self.bytes_on_disk / 2**20:.1f} MiB on disk",
+        ]
+        for reason, ids in sorted(self.failures_by_reason.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(ids[:5]) + (f", ... ({len(ids) - 5} more)" if len(ids) > 5 else "")
+            out.append(f"failed   {len(ids)} x {reason}: {shown}")
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def status(store: Path) -> StoreStatus:
+    """Rows by status, shards committed, failures grouped by reason, how the store was made."""
+    store = Path(store).expanduser().resolve()
+    g = open_store(store)
+    attrs = dict(g.attrs)
+    st = g["status"][:]
+    shard_size, n = attrs["shard_size"], attrs["n_rows"]
+    n_shards = -(-n // shard_size)
+    failures: dict[str, list[str]] = defaultdict(list)
+    done = 0
+    for shard in range(n_shards):
+        commit = read_commit(store, shard)
+        if commit is None or commit.get("encoder_fingerprint") != attrs["encoder_fingerprint"]:
+            continue
+        done += 1
+        for failure in commit["failures"]:
+            failures[failure["reason"]].append(failure["video_id"])
+    return StoreStatus(
+        store=str(store), rows=n, ok=int((st == OK).sum()), failed=int((st == FAILED).sum()),
+        pending=int((st == PENDING).sum()), shards_done=done, shards_total=n_shards,
+        failures_by_reason=dict(failures), encoder=attrs["encoder"], frames=attrs["frames"],
+        sampling=attrs["sampling"], bytes_on_disk=_size_on_disk(store),
+    )
+
+
+def verify(store: Path, manifest_dir: Path | None = None) -> list[str]:
+    """Every problem found, one line each, prefixed by the shard it is in; [] when intact."""
+    store = Path(store).expanduser().resolve()
+    g = open_store(store)
+    attrs = dict(g.attrs)
+    problems: list[str] = []
+    missing = [k for k in ("n_rows", "shard_size", "frames", "tokens_per_frame", "width", "encoder",
+                           "encoder_fingerprint", "manifest_id") if k not in attrs]
+    if missing:
+        return [f"store: attributes missing: {', '.join(missing)}"]
+    n, S, F = attrs["n_rows"], attrs["shard_size"], attrs["frames"]
+    T, D = attrs["tokens_per_frame"], attrs["width"]
+    expected = {"tokens": ((n, F, T, D), "float16"), "frame_index": ((n, F), "int32"), "n_frames": ((n,), "int32"),
+                "status": ((n,), "uint8")}
+    for name, (shape, dtype) in expected.items():
+        if name not in g:
+            return [f"store: array {name} is missing"]
+        if g[name].shape != shape or str(g[name].dtype) != dtype:
+            problems.append(f"store: {name} is {g[name].shape} {g[name].dtype}, expected {shape} {dtype}")
+    if problems:
+        return problems
+    if encoder_fingerprint(attrs["encoder"]) != attrs["encoder_fingerprint"]:
+        problems.append("store: the encoder attributes do not match the recorded encoder fingerprint (edited?)")
+    for key in ("tokens_per_frame", "width"):
+        if attrs[key] != attrs["encoder"].get(key):
+            problems.append(f"store: attribute {key} disagrees with the encoder record")
+    meaning = spec_sha256(attrs)
+    manifest = None
+    if manifest_dir is not None:
+        manifest = load_manifest(manifest_dir)
+        if manifest.manifest_id != attrs["manifest_id"]:
+            problems.append(f"store: made from manifest {attrs['manifest_id']}, not {manifest.manifest_id}")
+            manifest = None
+        elif len(manifest.videos) != n:
+            problems.append(f"store: {n} rows, the manifest {len(manifest.videos)} (extract to grow it)")
+            manifest = None
+    for shard in range(-(-n // S)):
+        start, stop = shard * S, min((shard + 1) * S, n)
+        where = f"shard {shard} (rows {start}-{stop - 1})"
+        commit = read_commit(store, shard)
+        if commit is None:
+            if (g["status"][start:stop] != PENDING).any():
+                problems.append(f"{where}: no commit record, but rows are marked done")
+            else:
+                problems.append(f"{where}: not extracted (no commit record)")
+            continue
+        if commit.get("encoder_fingerprint") != attrs["encoder_fingerprint"]:
+            problems.append(f"{where}: committed with another encoder")
+        if commit.get("spec_sha256") != meaning:
+            problems.append(f"{where}: the store's attributes changed since this shard was committed (edited?)")
+        if commit.get("rows") != [start, stop]:
+            problems.append(f"{where}: commit record covers rows {commit.get('rows')}")
+        try:
+            checksum = data_sha256(g, start, stop)
+        except Exception as err:  # a corrupt shard file fails to decode
+            problems.append(f"{where}: unreadable data ({' '.join(str(err).split())[:120]})")
+            continue
+        if checksum != commit.get("data_sha256"):
+            problems.append(f"{where}: data checksum mismatch (the shard's files changed after commit)")
+        st = g["status"][start:stop]
+        failed_rows = {f["row"] for f in commit.get("failures", [])}
+        if set((np.flatnonzero(st == FAILED) + start).tolist()) != failed_rows or (st == PENDING).any():
+            problems.append(f"{where}: status array disagrees with the commit record")
+        if not np.isfinite(g["tokens"][start:stop].astype(np.float32)).all():
+            problems.append(f"{where}: non-finite token values")
+        if manifest is not None and commit.get("rows_sha256") != rows_sha256(manifest.shard_rows(shard)):
+            problems.append(f"{where}: committed for other manifest rows (rebuild it)")
+    return problems
