@@ -1,0 +1,188 @@
+"""vidcache training CLI: train, eval, chat, describe, tokenizer.
+
+Each command parses its flags into a config dataclass and calls one library function of the
+same name in `trainer` (``eval`` calls `trainer.evaluate`). Multi-GPU (or multi-process CPU):
+``torchrun --nproc_per_node G run_train.py train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _add_generation(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_train.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train (or resume) a run from cached features")
+    t.add_argument("--manifest", type=Path, required=True)
+    t.add_argument("--store", type=Path, required=True, help="the Zarr feature store (STORE.zarr)")
+    t.add_argument("--out", type=Path, required=True, help="the run directory")
+    m = t.add_argument_group("model and tokenizer")
+    m.add_argument("--preset", choices=("tiny", "small", "base"), help="LM size (default small)")
+    m.add_argument("--init-lm", type=Path, help="pretrained LM: MiniMind .pth or Hugging Face Llama directory")
+    m.add_argument("--init-from", type=Path, metavar="RUN", help="start every part from another run (staged training)")
+    m.add_argument("--tokenizer", type=Path, help="tokenizer.json or a directory holding one (default: train a BPE)")
+    m.add_argument("--vocab-size", type=int, help="of the BPE trained here (default 6400)")
+    m.add_argument("--video-token", help="the video placeholder token (default <|video|>, added if missing)")
+    m.add_argument("--summary", choices=("full", "cinego"), help="VideoSummary kind (default full)")
+    m.add_argument("--queries", type=int, help="learnable queries per query set")
+    m.add_argument("--summary-layers", type=int)
+    m.add_argument("--summary-heads", type=int)
+    m.add_argument("--combine", choices=("sum", "concat"), help="how spatial and temporal queries join")
+    m.add_argument("--projector", choices=("linear", "mlp"))
+    m.add_argument("--system", help="system prompt of the chat template (default none)")
+    m.add_argument("--max-len", type=int, default=1024, help="tokens per sample; longer ones are cut")
+    s = t.add_argument_group("schedule")
+    length = s.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=1.0)
+    length.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
+    s.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch")
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--min-lr-ratio", type=float, default=0.1)
+    s.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the run)")
+    s.add_argument("--weight-decay", type=float, default=0.01)
+    s.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    s.add_argument("--train", type=_parts, default=("summary", "projector", "lm"), dest="train_parts",
+                   metavar="PARTS", help="comma-separated parts that learn: summary,projector,lm (default all)")
+    s.add_argument("--seed", type=int, default=0)
+    r = t.add_argument_group("machinery")
+    r.add_argument("--feature-cache", choices=("disk", "ram", "gpu"), default="disk")
+    r.add_argument("--workers", type=int, default=2, help="DataLoader workers for --feature-cache disk")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--eval-every", type=int, default=0, help="val loss every N steps (0: at the end)")
+    r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    r.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    r.add_argument("--stop-after", type=int, help="stop with a checkpoint after N steps of this launch")
+    r.add_argument("--log-every", type=int, default=1, help="metrics.jsonl line every N steps")
+
+    e = sub.add_parser("eval", help="validation loss and answer accuracy of a run (JSON)")
+    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--manifest", type=Path, help="default: the run's")
+    e.add_argument("--store", type=Path, help="default: the run's")
+    e.add_argument("--labels", type=Path, help="labels.json: accuracy by question type")
+    e.add_argument("--ablate", choices=("zero-video", "no-video"))
+    e.add_argument("--split", choices=("val", "train"), default="val")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--max-samples", type=int)
+    e.add_argument("--device")
+
+    c = sub.add_parser("chat", help="ask a trained run about a video (streams the answer)")
+    c.add_argument("--run", type=Path, required=True)
+    c.add_argument("--video", type=Path, help="a video file (encoded as the run's store was)")
+    c.add_argument("--store", type=Path)
+    c.add_argument("--row", type=int, help="a row of --store")
+    c.add_argument("--question", help="one question; without it the chat is interactive")
+    _add_generation(c)
+
+    d = sub.add_parser("describe", help="answer one question for every video in a folder (Markdown table)")
+    d.add_argument("--run", type=Path, required=True)
+    d.add_argument("--videos", type=Path, required=True)
+    d.add_argument("--question", default="Describe the video.")
+    _add_generation(d)
+
+    k = sub.add_parser("tokenizer", help="train the byte-level BPE on a manifest's training text")
+    k.add_argument("--manifest", type=Path, required=True)
+    k.add_argument("--out", type=Path, required=True)
+    k.add_argument("--vocab-size", type=int, default=6400)
+    return parser
+
+
+def _config(cls, args: argparse.Namespace, **extra):  # noqa: ANN001, ANN202
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+
+
+def _read_question() -> str | None:
+    try:
+        line = input("\nyou> ")
+    except EOFError:
+        return None
+    if line.strip() in ("exit", "quit", "/exit", "/quit"):
+        return None
+    print("model> ", end="", flush=True)
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from trainer.train import TrainConfig, train
+
+        result = train(_config(TrainConfig, args))
+        if int(os.environ.get("RANK", "0")) == 0:
+            loss = f"{result.loss:.4f}" if result.loss is not None else "-"
+            val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
+            print(f"run {result.run}: step {result.step}/{result.total_steps}, loss {loss}, val loss {val}, "
+                  f"{result.seconds:.0f} s, checkpoint {result.checkpoint}")
+    elif args.command == "eval":
+        from trainer.evaluate import EvalConfig, evaluate
+
+        print(json.dumps(evaluate(_config(EvalConfig, args)), indent=2))
+    elif args.command == "chat":
+        from trainer.chat import ChatConfig, chat
+
+        interactive = args.question is None
+        if interactive:
+            if not sys.stdin.isatty():
+                print("chat: no --question and stdin is not a terminal; reading questions from stdin", file=sys.stderr)
+            print("Ask about the video (empty line or Ctrl-D ends).", file=sys.stderr)
+        chat(_config(ChatConfig, args), on_text=lambda s: print(s, end="", flush=True),
+             read_question=_read_question if interactive else None)
+        print()
+    elif args.command == "describe":
+        from trainer.chat import DescribeConfig, describe, markdown_table
+
+        rows = describe(_config(DescribeConfig, args))
+        print(markdown_table(rows))
+    elif args.command == "tokenizer":
+        from trainer.tokenization import TokenizerConfig, tokenizer
+
+        print(tokenizer(_config(TokenizerConfig, args)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from manifests.manifest import ManifestError
+    from model import CheckpointError
+    from trainer.errors import TrainerError
+
+    try:
+        return run(args)
+    except (TrainerError, ManifestError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The training loop: exact resume, torchrun DDP, frozen parts, staged runs, --init-lm, and no
+CLIP or decord in a training process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import VideoLM, VideoLMConfig
+from trainer.checkpoint import latest_checkpoint
+from trainer.data import BatchDataset, BatchPlan, BatchStream, RamFeatures, build_examples
+from trainer.errors import TrainerError
+from trainer.loss import token_loss_sum
+from trainer.run import load_run, read_run_config
+from trainer.store import open_store
+from trainer.train import TrainConfig, _set_trainable, train
+from trainer_helpers import PYTHON, REPO, TORCHRUN, cli_args, make_manifest, make_store, read_metrics, tiny_train_args
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("train")
+    manifest = make_manifest(root, n_videos=12)
+    store = make_store(root / "store.zarr", manifest, status={1: 2})
+    return {"root": root, "manifest": manifest, "store": store}
+
+
+def run_args(corpus: dict, name: str, **overrides) -> dict:
+    return tiny_train_args(corpus["manifest"], corpus["store"], corpus["root"] / name, **overrides)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run) / "model.safetensors"))
+
+
+def test_resume_continues_bit_for_bit(corpus):
+    whole = run_args(corpus, "whole", steps=6, grad_accum=2, batch_size=3)
+    train(TrainConfig(**whole))
+    parts = run_args(corpus, "parts", steps=6, grad_accum=2, batch_size=3)
+    first = train(TrainConfig(**parts, stop_after=3))
+    assert first.step == 3 and latest_checkpoint(parts["out"]).name == "step-00000003"
+    with pytest.raises(TrainerError, match="already holds a run"):
+        train(TrainConfig(**parts))
+    with pytest.raises(TrainerError, match="--lr"):
+        train(TrainConfig(**{**parts, "lr": 1e-2}, resume=True))
+    second = train(TrainConfig(**parts, resume=True))
+    assert second.step == 6
+
+    assert losses(parts["out"]) == losses(whole["out"])  # the same floats, not just close
+    assert [s for s, _ in losses(parts["out"])] == [1, 2, 3, 4, 5, 6]
+    a, b = weights(whole["out"]), weights(parts["out"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt_a, ckpt_b = latest_checkpoint(whole["out"]), latest_checkpoint(parts["out"])
+    oa, ob = load_file(str(ckpt_a / "optimizer.safetensors")), load_file(str(ckpt_b / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    state = json.loads((ckpt_b / "state.json").read_text())
+    assert state["step"] == 6 and isinstance(state["rng"]["torch"], list)
+    assert (parts["out"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a finished run resumes to nothing
+    assert train(TrainConfig(**parts, resume=True)).step == 6
+
+
+def test_grad_accumulation_equals_a_bigger_batch(corpus):
+    big = run_args(corpus, "big", steps=3, batch_size=4)
+    small = run_args(corpus, "accum", steps=3, batch_size=2, grad_accum=2)
+    train(TrainConfig(**big))
+    train(TrainConfig(**small))
+    for (s1, l1), (s2, l2) in zip(losses(big["out"]), losses(small["out"])):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+
+
+def test_torchrun_two_processes_give_the_loss_curve_of_one(corpus):
+    one = run_args(corpus, "one", steps=4, batch_size=4)
+    train(TrainConfig(**one))
+    two = run_args(corpus, "two", steps=4, batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(REPO / "run_train.py"), "train", *cli_args(**two)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = read_run_config(two["out"])
+    assert config["world_size"] == 2 and config["global_batch"] == 4
+    curve_one, curve_two = losses(one["out"]), losses(two["out"])
+    assert [s for s, _ in curve_two] == [1, 2, 3, 4]
+    for (s1, l1), (s2, l2) in zip(curve_one, curve_two):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+    a, b = weights(one["out"]), weights(two["out"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_chosen_parts_get_gradients(corpus):
+    store = open_store(corpus["store"])
+    stage1 = run_args(corpus, "stage1", steps=2)
+    train(TrainConfig(**stage1))
+    loaded = load_run(stage1["out"], torch.device("cpu"))
+    from manifests.manifest import load_manifest
+
+    examples = build_examples(load_manifest(corpus["manifest"]), store, loaded.tok, "train",
+                              loaded.model.cfg.n_video_tokens, 128)
+    plan = BatchPlan(examples.lengths, batch_size=4)
+    batch = next(BatchStream(BatchDataset(examples.items, RamFeatures(store.path, examples.rows), loaded.tok.pad_id), plan).epoch(0))
+    for parts in [("summary",), ("projector",), ("lm",), ("summary", "projector")]:
+        model = VideoLM(loaded.model.cfg)
+        _set_trainable(model, parts)
+        logits, _ = model(batch.input_ids, video=batch.video)
+        token_loss_sum(logits, batch.labels).backward()
+        for name, param in model.named_parameters():
+            part = name.split(".")[0]
+            if part in parts:
+                assert param.grad is not None and param.grad.abs().sum() > 0, name
+            else:
+                assert param.grad is None and not param.requires_grad, name
+
+    # staged training: stage 2 starts from stage 1 and learns only summary and projector
+    with pytest.raises(TrainerError, match="--init-from takes the model"):
+        train(TrainConfig(**run_args(corpus, "bad", init_from=stage1["out"])))
+    stage2 = run_args(corpus, "stage2", steps=2, init_from=stage1["out"], train_parts=("summary", "projector"))
+    for key in ("preset", "vocab_size", "queries", "summary_layers", "summary_heads"):
+        stage2.pop(key)
+    train(TrainConfig(**stage2))
+    before, after = weights(stage1["out"]), weights(stage2["out"])
+    for name in before:
+        if name.startswith("lm."):
+            assert torch.equal(before[name], after[name]), name
+        else:
+            assert not torch.equal(before[name], after[name]), name
+    assert (stage2["out"] / "tokenizer.json").read_bytes() == (stage1["out"] / "tokenizer.json").read_bytes()
+    assert read_run_config(stage2["out"])["model"] == read_run_config(stage1["out"])["model"]
+
+
+def test_training_process_never_imports_clip_or_decord(corpus, tmp_path):
+    # poisoned stand-ins: importing either anywhere (main process or a DataLoader worker) fails the run
+    for name in ("open_clip", "decord"):
+        (tmp_path / "poison" / name).mkdir(parents=True)
+        (tmp_path / "poison" / name / "__init__.py").write_text(f"raise RuntimeError('{name} imported during training')\n")
+    args = run_args(corpus, "pure", steps=2, feature_cache="disk", workers=1)
+    script = (
+        "import json, sys, run_train\n"
+        f"rc = run_train.main(['train', *{cli_args(**args)!r}])\n"
+        "print(json.dumps({'rc': rc, 'modules': sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'decord'))}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "poison"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(PYTHON), "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"rc": 0, "modules": []}
+    assert latest_checkpoint(args["out"]).name == "step-00000002"
+
+
+def test_init_lm_from_a_hugging_face_llama_directory(corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from trainer.tokenization import TokenizerConfig, tokenizer
+
+    llama = tmp_path / "llama"
+    tokenizer(TokenizerConfig(manifest=corpus["manifest"], out=llama, vocab_size=320))
+    vocab = json.loads((llama / "tokenizer.json").read_text())
+    n_tokens = len(vocab["model"]["vocab"])
+    torch.manual_seed(1)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=n_tokens, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(llama)  # config.json + model.safetensors, next to tokenizer.json
+
+    args = run_args(corpus, "from_llama", steps=2, init_lm=llama, train_parts=("summary", "projector"))
+    for key in ("preset", "vocab_size"):
+        args.pop(key)
+    train(TrainConfig(**args))
+    config = read_run_config(args["out"])
+    assert config["model"]["lm"]["dim"] == 64 and config["model"]["lm"]["vocab_size"] == n_tokens
+    assert config["tokenizer"]["source"] == str(llama)
+
+    loaded = load_run(args["out"], torch.device("cpu"))
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3 % n_tokens]])
+    with torch.no_grad():
+        ours = loaded.model.lm(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)  # the frozen LM is the Llama
+
+    # a tokenizer with more tokens than the LM has is refused
+    big = tmp_path / "big"
+    tokenizer(TokenizerConfig(manifest=corpus["manifest"], out=big, vocab_size=n_tokens + 40))
+    bad = run_args(corpus, "too_big", steps=1, init_lm=llama, tokenizer=big / "tokenizer.json")
+    for key in ("preset", "vocab_size"):
+        bad.pop(key)
+    with pytest.raises(TrainerError, match="tokenizer has .* tokens but --init-lm"):
+        train(TrainConfig(**bad))

@@ -1,0 +1,247 @@
+"""Chatting with a trained run about one video, and describing a folder of videos.
+
+The video comes from the feature store (``store`` + ``row``: no decoding at all) or from a
+video file, which is decoded and encoded exactly as the run's store was made (encoder spec,
+frames, sampling, layer: `pipeline.extract.encode_video_file`, imported only here, only then).
+A conversation is multi-turn: each question is asked with the earlier questions and answers in
+the prompt, and the answer is streamed as it is generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model import STOPPED, GenerationConfig, stream_generate
+from trainer.errors import TrainerError
+from trainer.loss import autocast
+from trainer.run import LoadedRun, load_run, pick_device
+from trainer.store import STATUS_NAMES, STATUS_OK, check_same_signature, open_store
+
+log = logging.getLogger(__name__)
+
+DESCRIBE_QUESTION = "Describe the video."
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass
+class GenerationFlags:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def generation_config(self, stop_ids: tuple[int, ...]) -> GenerationConfig:
+        if self.max_new_tokens < 1:
+            raise TrainerError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise TrainerError("--temperature must be >= 0 and --top-p in (0, 1]")
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty, stop_ids=stop_ids,
+        )
+
+
+# --- video features ------------------------------------------------------------------------------
+
+
+def store_features(loaded: LoadedRun, store_path: str | Path, row: int) -> Tensor:
+    """(F, T, D) float16 features of one store row, checked against the run."""
+    store = open_store(store_path)
+    check_same_signature(loaded.store_signature, store, f"run {loaded.run}")
+    if not 0 <= row < store.n_rows:
+        raise TrainerError(f"--row {row} is outside store {store.path} (rows 0..{store.n_rows - 1})")
+    status = int(store.status[row])
+    if status != STATUS_OK:
+        raise TrainerError(f"row {row} of {store.path} has no features (status {STATUS_NAMES.get(status, status)})")
+    import zarr
+
+    tokens = zarr.open_group(str(store.path), mode="r")["tokens"]
+    return torch.from_numpy(tokens[row])
+
+
+def file_features(loaded: LoadedRun, video: str | Path, store_attrs: dict[str, Any] | None = None) -> Tensor:
+    """(F, T, D) float16 features of a video file, encoded as the run's store was."""
+    video = Path(video).expanduser()
+    if not video.is_file():
+        raise TrainerError(f"no such video file: {video}")
+    attrs = store_attrs or loaded.config["store"].get("attrs") or loaded.store_signature
+    try:
+        from pipeline.extract import encode_video_file  # decord + open_clip: never in training
+    except ImportError as err:
+        raise TrainerError(f"--video needs the extraction pipeline ({err}); use --store and --row") from err
+    features = torch.from_numpy(encode_video_file(video, attrs))
+    expected = (attrs["frames"], attrs["tokens_per_frame"], attrs["width"])
+    if tuple(features.shape) != expected:
+        raise TrainerError(f"{video}: encoded to {tuple(features.shape)}, the run expects {expected}")
+    return features
+
+
+# --- a conversation ------------------------------------------------------------------------------
+
+
+class ChatSession:
+    """A multi-turn conversation about one video (``video`` None: text only)."""
+
+    def __init__(self, loaded: LoadedRun, video: Tensor | None, gen: GenerationConfig, seed: int = 0) -> None:
+        self.loaded = loaded
+        self.video = None if video is None else video[None].to(loaded.device)  # (1, F, T, D)
+        self.gen = gen
+        self.generator = torch.Generator(device=loaded.device).manual_seed(seed)
+        self.history: list[dict[str, str]] = []
+
+    def ask(self, question: str) -> Iterator[str]:
+        """Stream the answer to ``question`` as text pieces; the turn joins the history at the end."""
+        question = question.strip()
+        if not question:
+            raise TrainerError("empty question")
+        content = ("<video>\n" if self.video is not None and not self.history else "") + question
+        turns = self.history + [{"role": "user", "content": content}]
+        n_video = self.loaded.model.cfg.n_video_tokens if self.video is not None else 0
+        tok = self.loaded.tok
+        prompt = tok.encode_prompt(turns, n_video, self.loaded.system)
+        room = self.loaded.model.cfg.lm.max_seq_len - len(prompt)
+        if room < 1:
+            raise TrainerError(f"the conversation is longer than the model's {self.loaded.model.cfg.lm.max_seq_len} tokens")
+        gen = dataclasses.replace(self.gen, max_new_tokens=min(self.gen.max_new_tokens, room))
+        ids: list[int] = []
+        shown = ""
+        with autocast(self.loaded.device):
+            for step in stream_generate(self.loaded.model, [prompt], self.video, gen, self.generator):
+                token = int(step[0])
+                if token == STOPPED:
+                    break
+                ids.append(token)
+                text = tok.decode(ids)
+                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                    continue
+                if len(text) > len(shown):
+                    yield text[len(shown) :]
+                    shown = text
+        answer = tok.decode(ids)
+        if len(answer) > len(shown):
+            yield answer[len(shown) :]
+        self.history = turns + [{"role": "assistant", "content": answer.strip()}]
+
+    def answer(self, question: str) -> str:
+        return "".join(self.ask(question)).strip()
+
+
+@dataclass(kw_only=True)
+class ChatConfig(GenerationFlags):
+    """`run_train.py chat`: ``video`` or ``store`` + ``row``; ``question`` None = interactive."""
+
+    run: Path
+    video: Path | None = None
+    store: Path | None = None
+    row: int | None = None
+    question: str | None = None
+    device: str | None = None
+
+
+def open_chat(cfg: ChatConfig) -> ChatSession:
+    if cfg.video is None and (cfg.store is None or cfg.row is None):
+        raise TrainerError("chat needs --video FILE, or --store STORE and --row N")
+    if cfg.video is not None and cfg.row is not None:
+        raise TrainerError("give --video or --row, not both")
+    loaded = load_run(cfg.run, pick_device(cfg.device))
+    gen = cfg.generation_config(loaded.tok.stop_ids)
+    if cfg.video is not None:
+        attrs = None
+        if cfg.store is not None:
+            store = open_store(cfg.store)
+            check_same_signature(loaded.store_signature, store, f"run {cfg.run}")
+            attrs = store.attrs
+        video = file_features(loaded, cfg.video, attrs)
+    else:
+        video = store_features(loaded, cfg.store, cfg.row)  # type: ignore[arg-type]
+    return ChatSession(loaded, video, gen, cfg.seed)
+
+
+def chat(
+    cfg: ChatConfig,
+    on_text: Callable[[str], None] | None = None,
+    read_question: Callable[[], str | None] | None = None,
+) -> list[tuple[str, str]]:
+    """Answer ``cfg.question``, or every question ``read_question`` returns until it returns None;
+    each answer streams through ``on_text`` piece by piece. Returns the (question, answer) turns."""
+    session = open_chat(cfg)
+    questions: Iterator[str | None]
+    if cfg.question is not None:
+        questions = iter([cfg.question])
+    elif read_question is not None:
+        questions = iter(read_question, None)
+    else:
+        raise TrainerError("chat needs --question, or an interactive terminal")
+    turns = []
+    for question in questions:
+        if question is None:
+            break
+        if not question.strip():
+            continue
+        pieces = []
+        for piece in session.ask(question):
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        turns.append((question, "".join(pieces).strip()))
+    return turns
+
+
+# --- describe a folder ---------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class DescribeConfig(GenerationFlags):
+    """`run_train.py describe`: one question for every video in a folder."""
+
+    run: Path
+    videos: Path
+    question: str = DESCRIBE_QUESTION
+    device: str | None = None
+    extensions: tuple[str, ...] = field(default=VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)
+
+
+def describe(cfg: DescribeConfig, on_answer: Callable[[str, str], None] | None = None) -> list[tuple[str, str]]:
+    """(file name, answer) for every video file in ``cfg.videos``, in name order. A video that
+    cannot be decoded gets its error as the answer; the others go on."""
+    folder = Path(cfg.videos).expanduser()
+    if not folder.is_dir():
+        raise TrainerError(f"no such folder: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in cfg.extensions)
+    if not files:
+        raise TrainerError(f"{folder} holds no video files ({', '.join(cfg.extensions)})")
+    loaded = load_run(cfg.run, pick_device(cfg.device))
+    gen = cfg.generation_config(loaded.tok.stop_ids)
+    rows = []
+    for path in files:
+        try:
+            video = file_features(loaded, path)
+            answer = ChatSession(loaded, video, gen, cfg.seed).answer(cfg.question)
+        except TrainerError:
+            raise
+        except Exception as err:  # one bad video never stops the table
+            answer = f"(could not read: {str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            log.warning("%s: %s", path.name, answer)
+        rows.append((path.name, answer))
+        if on_answer is not None:
+            on_answer(path.name, answer)
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, str]], header: tuple[str, str] = ("video", "answer")) -> str:
+    def cell(text: str) -> str:
+        return " ".join(text.replace("|", "\\|").split())
+
+    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
+    lines += [f"| {cell(a)} | {cell(b)} |" for a, b in rows]
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""The feature store as the trainer sees it (DESIGN §3.3): opened read-only with plain
+``zarr.open_group``, its attributes checked against the manifest and against the run.
+
+A store's *signature* is everything about it that a model trained on it depends on: the encoder
+spec, frames per video, sampling policy, token layout, tokens per frame and width. A run records
+the signature of the store it was trained on; evaluating, resuming or chatting with another store
+is refused unless the signatures are equal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATUS_OK = 1
+STATUS_NAMES = {0: "pending", 1: "ok", 2: "failed"}
+SIGNATURE_KEYS = ("encoder", "frames", "sampling", "token_layout", "tokens_per_frame", "width")
+
+
+@dataclass
+class StoreInfo:
+    """What the trainer needs from a store: its path, attributes and row status."""
+
+    path: Path
+    attrs: dict[str, Any]
+    status: np.ndarray  # (N,) uint8
+    shape: tuple[int, int, int, int]  # tokens: (N, F, T, D)
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def frames(self) -> int:
+        return self.shape[1]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.shape[3]
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        return store_signature(self.attrs)
+
+
+def store_signature(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {key: attrs.get(key) for key in SIGNATURE_KEYS}
+
+
+def open_store(path: str | Path) -> StoreInfo:
+    """Open and check a feature store; a one-line `TrainerError` for anything that is not one."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise TrainerError(f"no such feature store: {path}")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for "not a group"
+        raise TrainerError(f"{path} is not a Zarr feature store ({type(err).__name__})") from err
+    attrs = dict(group.attrs)
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise TrainerError(f"{path}: store format version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
+    missing = [name for name in ("tokens", "status") if name not in group]
+    if missing:
+        raise TrainerError(f"{path}: store has no {', '.join(missing)} array")
+    tokens = group["tokens"]
+    if tokens.ndim != 4 or tokens.dtype != np.float16:
+        raise TrainerError(f"{path}: tokens must be a (N, F, T, D) float16 array, found {tokens.shape} {tokens.dtype}")
+    shape = tuple(int(s) for s in tokens.shape)
+    expected = (attrs.get("frames"), attrs.get("tokens_per_frame"), attrs.get("width"))
+    if shape[1:] != expected:
+        raise TrainerError(f"{path}: tokens have shape {shape} but the attributes say (F, T, D) = {expected}")
+    status = np.asarray(group["status"][:], dtype=np.uint8)
+    if status.shape != (shape[0],):
+        raise TrainerError(f"{path}: status has shape {status.shape}, tokens {shape[0]} rows")
+    return StoreInfo(path=path, attrs=attrs, status=status, shape=shape)  # type: ignore[arg-type]
+
+
+def check_store_matches_manifest(store: StoreInfo, manifest: Any) -> None:
+    """The store must have been extracted from this manifest (the same id; a grown manifest
+    whose new rows are not extracted yet is fine: those rows are not ok and are skipped)."""
+    if store.attrs.get("manifest_id") != manifest.manifest_id:
+        raise TrainerError(
+            f"store {store.path} was extracted from manifest {store.attrs.get('manifest_id')}, "
+            f"not from {manifest.dir} ({manifest.manifest_id})"
+        )
+    if store.n_rows > len(manifest.videos):
+        raise TrainerError(f"store {store.path} has {store.n_rows} rows, the manifest only {len(manifest.videos)}")
+    if store.attrs.get("manifest_fingerprint") != manifest.fingerprint:
+        log.warning(
+            "store %s was extracted from an earlier version of manifest %s; rows it lacks are skipped",
+            store.path, manifest.dir,
+        )
+
+
+def check_same_signature(expected: dict[str, Any], store: StoreInfo, what: str) -> None:
+    """Refuse a store whose features differ from those ``what`` (a run) was trained on."""
+    found = store.signature
+    for key in SIGNATURE_KEYS:
+        if found.get(key) != expected.get(key):
+            raise TrainerError(
+                f"store {store.path} does not match {what}: {key} is {_short(found.get(key))}, "
+                f"the run was trained on {_short(expected.get(key))}"
+            )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={v}" for k, v in value.items() if k in ("model", "pretrained", "layer", "image_size")) + ", ...}"
+    return repr(value)
