@@ -119,11 +119,17 @@ def _config(cls, args: argparse.Namespace, **extra):  # noqa: ANN001, ANN202
 
 
 def _read_question() -> str | None:
-    try:
-        line = input("\nyou> ")
-    except EOFError:
-        return None
-    if line.strip() in ("exit", "quit", "/exit", "/quit"):
+    """The next question of an interactive chat; None ends it (Ctrl-D, empty line, exit)."""
+    if sys.stdin.isatty():
+        try:
+            line = input("\nyou> ")
+        except EOFError:
+            return None
+    else:  # questions piped in: echo them so the transcript reads as a dialogue
+        line = sys.stdin.readline()
+        if line.strip():
+            print(f"\nyou> {line.strip()}")
+    if line.strip() in ("", "exit", "quit", "/exit", "/quit"):
         return None
     print("model> ", end="", flush=True)
     return line
@@ -147,9 +153,7 @@ def run(args: argparse.Namespace) -> int:
         from trainer.chat import ChatConfig, chat
 
         interactive = args.question is None
-        if interactive:
-            if not sys.stdin.isatty():
-                print("chat: no --question and stdin is not a terminal; reading questions from stdin", file=sys.stderr)
+        if interactive and sys.stdin.isatty():
             print("Ask about the video (empty line or Ctrl-D ends).", file=sys.stderr)
         chat(_config(ChatConfig, args), on_text=lambda s: print(s, end="", flush=True),
              read_question=_read_question if interactive else None)

@@ -55,7 +55,8 @@ def make_manifest(root: Path, n_videos: int = 12, val_fraction: float = 0.25, se
 
 
 def make_store(path: Path, manifest_dir: Path, frames: int = F, tokens: int = T, width: int = D,
-               status: dict[int, int] | None = None, seed: int = 0, encoder_model: str = "test-tiny") -> Path:
+               status: dict[int, int] | None = None, seed: int = 0, encoder_model: str = "test-tiny",
+               encoder: dict | None = None) -> Path:
     """A feature store for the manifest: random float16 tokens (each video's colour added to a
     few channels so there is something to learn), every row ok unless ``status`` says otherwise."""
     manifest = load_manifest(manifest_dir)
@@ -77,9 +78,9 @@ def make_store(path: Path, manifest_dir: Path, frames: int = F, tokens: int = T,
     group.create_array("status", shape=(n,), dtype="uint8")[:] = st
     group.attrs.update({
         "format_version": 1,
-        "encoder": {"model": encoder_model, "pretrained": "none", "weights_sha256": None, "image_size": 32,
-                    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
-                    "resize_mode": "shortest", "precision": "fp32", "layer": -1},
+        "encoder": encoder or {"model": encoder_model, "pretrained": "none", "weights_sha256": None, "image_size": 32,
+                               "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                               "resize_mode": "shortest", "precision": "fp32", "layer": -1},
         "frames": frames, "sampling": "uniform", "tokens_per_frame": tokens, "width": width,
         "token_layout": "cls+patches", "manifest_id": manifest.manifest_id,
         "manifest_fingerprint": manifest.fingerprint, "shard_size": shard, "n_rows": n,

@@ -32,6 +32,10 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
+class VideoError(TrainerError):
+    """A video file that cannot be decoded or encoded as the run's store was."""
+
+
 @dataclass
 class GenerationFlags:
     max_new_tokens: int = 256
@@ -76,10 +80,14 @@ def file_features(loaded: LoadedRun, video: str | Path, store_attrs: dict[str, A
         raise TrainerError(f"no such video file: {video}")
     attrs = store_attrs or loaded.config["store"].get("attrs") or loaded.store_signature
     try:
+        from pipeline.errors import ExtractError
         from pipeline.extract import encode_video_file  # decord + open_clip: never in training
     except ImportError as err:
         raise TrainerError(f"--video needs the extraction pipeline ({err}); use --store and --row") from err
-    features = torch.from_numpy(encode_video_file(video, attrs))
+    try:
+        features = torch.from_numpy(encode_video_file(video, attrs, device=loaded.device.type))
+    except ExtractError as err:
+        raise VideoError(str(err)) from err
     expected = (attrs["frames"], attrs["tokens_per_frame"], attrs["width"])
     if tuple(features.shape) != expected:
         raise TrainerError(f"{video}: encoded to {tuple(features.shape)}, the run expects {expected}")
@@ -226,12 +234,11 @@ def describe(cfg: DescribeConfig, on_answer: Callable[[str, str], None] | None =
     for path in files:
         try:
             video = file_features(loaded, path)
-            answer = ChatSession(loaded, video, gen, cfg.seed).answer(cfg.question)
-        except TrainerError:
-            raise
-        except Exception as err:  # one bad video never stops the table
-            answer = f"(could not read: {str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        except VideoError as err:  # one bad video never stops the table
+            answer = f"(could not read: {err})"
             log.warning("%s: %s", path.name, answer)
+        else:
+            answer = ChatSession(loaded, video, gen, cfg.seed).answer(cfg.question)
         rows.append((path.name, answer))
         if on_answer is not None:
             on_answer(path.name, answer)
