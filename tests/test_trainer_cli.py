@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -16,10 +15,10 @@ import run_train
 from manifests.manifest import load_manifest
 from model import GenerationConfig, generate
 from trainer.chat import ChatConfig, chat, markdown_table, open_chat
-from trainer.evaluate import EvalConfig, evaluate, label_correct, normalise
+from trainer.evaluate import EvalConfig, evaluate, label_correct, normalise, question_type, question_types
 from trainer.run import load_run
 from trainer.train import TrainConfig, train
-from trainer_helpers import COLOURS, PYTHON, REPO, SHAPES, make_manifest, make_store, tiny_train_args
+from trainer_helpers import COLOURS, PYTHON, REPO, SHAPES, make_manifest, make_store, subprocess_env, tiny_train_args
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +37,16 @@ def cli(*argv: str, capsys) -> tuple[int, str, str]:
     code = run_train.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_question_types_by_set_and_by_keyword():
+    from manifests.demo_corpus import COLOUR_QUESTIONS, DIRECTION_QUESTIONS, SHAPE_QUESTIONS
+
+    known = question_types()
+    for kind, questions in (("colour", COLOUR_QUESTIONS), ("shape", SHAPE_QUESTIONS), ("direction", DIRECTION_QUESTIONS)):
+        for q in questions:
+            assert question_type(q, known) == kind and question_type(q, None) == kind
+    assert question_type("Describe the video.", known) is None and question_type("Describe the video.", None) is None
 
 
 def test_answer_normalisation_and_label_matching():
@@ -133,8 +142,8 @@ def test_user_mistakes_are_one_line_errors(trained, tmp_path, capsys):
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, err)
         assert "Traceback" not in err
     # and the real exit status of the script
-    proc = subprocess.run([str(PYTHON), "run_train.py", "eval", "--run", str(tmp_path / "nope")], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([PYTHON, "run_train.py", "eval", "--run", str(tmp_path / "nope")], cwd=REPO,
+                          capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: no such run directory: {tmp_path / 'nope'}"]
 
 

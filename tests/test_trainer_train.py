@@ -4,10 +4,9 @@ CLIP or decord in a training process."""
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,8 @@ from trainer.loss import token_loss_sum
 from trainer.run import load_run, read_run_config
 from trainer.store import open_store
 from trainer.train import TrainConfig, _set_trainable, train
-from trainer_helpers import PYTHON, REPO, TORCHRUN, cli_args, make_manifest, make_store, read_metrics, tiny_train_args
+from trainer_helpers import (PYTHON, REPO, TORCHRUN, cli_args, make_manifest, make_store, read_metrics, subprocess_env,
+                             tiny_train_args)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,9 @@ def test_torchrun_two_processes_give_the_loss_curve_of_one(corpus):
     one = run_args(corpus, "one", steps=4, batch_size=4)
     train(TrainConfig(**one))
     two = run_args(corpus, "two", steps=4, batch_size=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(REPO / "run_train.py"), "train", *cli_args(**two)],
+        [*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(REPO / "run_train.py"), "train", *cli_args(**two)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -141,6 +141,13 @@ def test_only_the_chosen_parts_get_gradients(corpus):
     assert (stage2["out"] / "tokenizer.json").read_bytes() == (stage1["out"] / "tokenizer.json").read_bytes()
     assert read_run_config(stage2["out"])["model"] == read_run_config(stage1["out"])["model"]
 
+    # a staged run that died before its first checkpoint resumes from --init-from's weights again
+    crashed = {**stage2, "out": corpus["root"] / "stage2_crashed"}
+    train(TrainConfig(**crashed, stop_after=1))
+    shutil.rmtree(crashed["out"] / "checkpoints")
+    train(TrainConfig(**crashed, resume=True))
+    assert losses(crashed["out"]) == losses(stage2["out"])
+
 
 def test_training_process_never_imports_clip_or_decord(corpus, tmp_path):
     # poisoned stand-ins: importing either anywhere (main process or a DataLoader worker) fails the run
@@ -153,7 +160,7 @@ def test_training_process_never_imports_clip_or_decord(corpus, tmp_path):
         f"rc = run_train.main(['train', *{cli_args(**args)!r}])\n"
         "print(json.dumps({'rc': rc, 'modules': sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'decord'))}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "poison"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(tmp_path / "poison", OMP_NUM_THREADS="1")
     proc = subprocess.run([str(PYTHON), "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -201,3 +208,21 @@ def test_init_lm_from_a_hugging_face_llama_directory(corpus, tmp_path):
         bad.pop(key)
     with pytest.raises(TrainerError, match="tokenizer has .* tokens but --init-lm"):
         train(TrainConfig(**bad))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_with_a_gpu_feature_cache(corpus):
+    args = run_args(corpus, "cuda", steps=6, feature_cache="gpu", device="cuda", save_every=3)
+    result = train(TrainConfig(**args))
+    assert result.step == 6 and all(math.isfinite(l) for _, l in losses(args["out"]))
+    assert losses(args["out"])[-1][1] < losses(args["out"])[0][1]
+    state = json.loads((latest_checkpoint(args["out"]) / "state.json").read_text())
+    assert state["optimizer"]["param_groups"][0]["fused"] is True
+    resumed = run_args(corpus, "cuda_resumed", steps=6, feature_cache="gpu", device="cuda")
+    train(TrainConfig(**resumed, stop_after=3))
+    train(TrainConfig(**resumed, resume=True))
+    for (s1, l1), (s2, l2) in zip(losses(args["out"]), losses(resumed["out"])):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-3)  # bf16 and atomics: close, not bitwise
+    loaded = load_run(args["out"], torch.device("cpu"))  # a GPU run loads on the CPU
+    assert loaded.step == 6

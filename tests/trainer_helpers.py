@@ -5,6 +5,8 @@ decoding or encoding anything."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,14 @@ from manifests.build import ManifestConfig, build_manifest
 from manifests.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHON = REPO / ".venv" / "bin" / "python"
-TORCHRUN = REPO / ".venv" / "bin" / "torchrun"
+PYTHON = sys.executable
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun script runs
+
+
+def subprocess_env(*paths: Path, **extra: str) -> dict[str, str]:
+    """os.environ with ``paths`` and the repository put first on PYTHONPATH."""
+    old = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), str(REPO), *([old] if old else [])]), **extra}
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -92,7 +100,7 @@ def tiny_train_args(manifest: Path, store: Path, out: Path, **overrides) -> dict
     """TrainConfig keywords for a tiny, fast CPU run."""
     args = dict(manifest=manifest, store=store, out=out, preset="tiny", vocab_size=320, queries=4,
                 summary_layers=1, summary_heads=4, batch_size=4, steps=4, lr=2e-3, warmup=1,
-                feature_cache="ram", workers=0, seed=0, max_len=128)
+                feature_cache="ram", workers=0, seed=0, max_len=128, device="cpu")
     args.update(overrides)
     return args
 

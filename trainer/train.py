@@ -275,12 +275,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     out = Path(cfg.out).expanduser()
-    saved = _prepare_out(cfg)  # refuses before anything is written
-    if saved is None and cfg.init_from is not None:
-        source: dict[str, Any] | None = read_run_config(cfg.init_from)
-        init_ckpt: Path | None = require_checkpoint(Path(cfg.init_from))
-    else:
-        source, init_ckpt = saved, None
+    saved = _prepare_out(cfg)  # the run's own config when resuming; refuses before anything is written
+    resume_ckpt = latest_checkpoint(out) if saved is not None else None
+    init_run = read_run_config(cfg.init_from) if cfg.init_from is not None else None
+    source = saved or init_run  # model config and tokenizer come from here, if anywhere
+    # weights to start from: a resumed run's own checkpoint, else --init-from's, else --init-lm
+    init_ckpt = require_checkpoint(Path(cfg.init_from)) if cfg.init_from is not None and resume_ckpt is None else None
     try:
         manifest = load_manifest(cfg.manifest)
     except ManifestError as err:
@@ -339,10 +339,12 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     # the model: same seed on every rank, so every rank starts from the same weights
     torch.manual_seed(cfg.seed)
     model = VideoLM(model_cfg)
-    if init_ckpt is not None:
+    if resume_ckpt is not None:
+        pass  # loaded below with the optimizer
+    elif init_ckpt is not None:
         load_weights(model, init_ckpt)
         log.info("initialised every part from %s", init_ckpt)
-    elif cfg.init_lm is not None and saved is None:
+    elif cfg.init_lm is not None:
         try:
             model.load_lm(cfg.init_lm)
         except CheckpointError as err:
@@ -356,10 +358,12 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
 
     step = 0
     metrics = MetricsLog(out / "metrics.jsonl")
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        state = load_checkpoint(ckpt, model, optimizer, device)
+    if resume_ckpt is not None:
+        state = load_checkpoint(resume_ckpt, model, optimizer, device)
         step = state.step
-        log.info("resumed %s at step %d", ckpt, step)
+        log.info("resumed %s at step %d", resume_ckpt, step)
+    elif saved is not None:
+        log.info("%s has no checkpoint yet: starting it from the beginning", out)
     if dist.is_main:
         if metrics.path.exists():
             metrics.truncate_after(step)
@@ -407,11 +411,11 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     model.train()
     last_loss: float | None = None
     val_loss: float | None = None
-    last_ckpt = latest_checkpoint(out) if cfg.resume else None
+    last_ckpt = resume_ckpt
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not dist.is_main, dynamic_ncols=True)
     tokens_seen, window_start, last_plot = 0.0, time.time(), 0.0
     spe = plan.steps_per_epoch
-    saved_at = step if last_ckpt is not None else -1
+    saved_at = step if resume_ckpt is not None else -1
     try:
         while step < stop_at:
             epoch, in_epoch = divmod(step, spe)
