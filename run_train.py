@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 
+THREADS_HELP = "CPU threads of torch (default: its own); 1 is often fastest for tiny models on a busy machine"
+
+
 def _parts(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
@@ -27,6 +30,7 @@ def _add_generation(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> No
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    g.add_argument("--threads", type=int, help=THREADS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     r.add_argument("--stop-after", type=int, help="stop with a checkpoint after N steps of this launch")
     r.add_argument("--log-every", type=int, default=1, help="metrics.jsonl line every N steps")
+    r.add_argument("--threads", type=int, help=THREADS_HELP)
 
     e = sub.add_parser("eval", help="validation loss and answer accuracy of a run (JSON)")
     e.add_argument("--run", type=Path, required=True)
@@ -89,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--max-samples", type=int)
     e.add_argument("--device")
+    e.add_argument("--threads", type=int, help=THREADS_HELP)
 
     c = sub.add_parser("chat", help="ask a trained run about a video (streams the answer)")
     c.add_argument("--run", type=Path, required=True)

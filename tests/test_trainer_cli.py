@@ -64,7 +64,7 @@ def test_eval_reports_loss_accuracy_and_accuracy_by_type(trained):
     assistant_turns = sum(1 for s in val_samples for t in s.conversations if t["role"] == "assistant")
     colour_questions = sum(1 for s in val_samples for t in s.conversations if t["content"].endswith("What colour is the moving object?"))
 
-    report = evaluate(EvalConfig(run=trained["run"], labels=trained["labels"], max_new_tokens=8))
+    report = evaluate(EvalConfig(run=trained["run"], threads=1, labels=trained["labels"], max_new_tokens=8))
     assert report["samples"] == len(val_samples) and report["answers"] == assistant_turns
     assert math.isfinite(report["val_loss"]) and 0 <= report["accuracy"] <= 1
     assert report["by_type"]["colour"]["n"] == colour_questions
@@ -73,9 +73,9 @@ def test_eval_reports_loss_accuracy_and_accuracy_by_type(trained):
     assert report["by_type"]["direction"] == {"accuracy": None, "chance": None, "n": 0}
     assert report["examples"][0]["reference"]
 
-    zero = evaluate(EvalConfig(run=trained["run"], ablate="zero-video", max_new_tokens=4, max_samples=4))
-    text_only = evaluate(EvalConfig(run=trained["run"], ablate="no-video", max_new_tokens=4, max_samples=4))
-    full = evaluate(EvalConfig(run=trained["run"], max_new_tokens=4, max_samples=4))
+    zero = evaluate(EvalConfig(run=trained["run"], threads=1, ablate="zero-video", max_new_tokens=4, max_samples=4))
+    text_only = evaluate(EvalConfig(run=trained["run"], threads=1, ablate="no-video", max_new_tokens=4, max_samples=4))
+    full = evaluate(EvalConfig(run=trained["run"], threads=1, max_new_tokens=4, max_samples=4))
     assert len({zero["val_loss"], text_only["val_loss"], full["val_loss"]}) == 3
     assert zero["ablate"] == "zero-video" and text_only["samples"] == 4
 
@@ -89,7 +89,7 @@ def test_eval_cli_prints_json(trained, capsys):
 
 def test_chat_streams_the_greedy_answer_and_keeps_the_conversation(trained):
     pieces: list[str] = []
-    cfg = ChatConfig(run=trained["run"], store=trained["store"], row=0, question="What colour is the moving object?",
+    cfg = ChatConfig(run=trained["run"], threads=1, store=trained["store"], row=0, question="What colour is the moving object?",
                      max_new_tokens=12)
     ((question, answer),) = chat(cfg, on_text=pieces.append)
     assert answer == "".join(pieces).strip()
@@ -103,10 +103,10 @@ def test_chat_streams_the_greedy_answer_and_keeps_the_conversation(trained):
     assert answer == loaded.tok.decode(ids).strip()
 
     questions = iter(["What colour is the moving object?", "And its shape?", None])
-    turns = chat(ChatConfig(run=trained["run"], store=trained["store"], row=0, max_new_tokens=6),
+    turns = chat(ChatConfig(run=trained["run"], threads=1, store=trained["store"], row=0, max_new_tokens=6),
                  read_question=lambda: next(questions))
     assert [q for q, _ in turns] == ["What colour is the moving object?", "And its shape?"]
-    session = open_chat(ChatConfig(run=trained["run"], store=trained["store"], row=0, max_new_tokens=6))
+    session = open_chat(ChatConfig(run=trained["run"], threads=1, store=trained["store"], row=0, max_new_tokens=6))
     first = session.answer("What colour is the moving object?")
     session.answer("And its shape?")
     assert [t["role"] for t in session.history] == ["user", "assistant", "user", "assistant"]

@@ -100,7 +100,7 @@ def tiny_train_args(manifest: Path, store: Path, out: Path, **overrides) -> dict
     """TrainConfig keywords for a tiny, fast CPU run."""
     args = dict(manifest=manifest, store=store, out=out, preset="tiny", vocab_size=320, queries=4,
                 summary_layers=1, summary_heads=4, batch_size=4, steps=4, lr=2e-3, warmup=1,
-                feature_cache="ram", workers=0, seed=0, max_len=128, device="cpu")
+                feature_cache="ram", workers=0, seed=0, max_len=128, device="cpu", threads=1)
     args.update(overrides)
     return args
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from model import STOPPED, GenerationConfig, stream_generate
 from trainer.errors import TrainerError
 from trainer.loss import autocast
-from trainer.run import LoadedRun, load_run, pick_device
+from trainer.run import LoadedRun, cpu_threads, load_run, pick_device
 from trainer.store import STATUS_NAMES, STATUS_OK, check_same_signature, open_store
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class GenerationFlags:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    threads: int | None = None  # CPU threads of torch (None: its default)
 
     def generation_config(self, stop_ids: tuple[int, ...]) -> GenerationConfig:
         if self.max_new_tokens < 1:
@@ -182,6 +183,15 @@ def chat(
 ) -> list[tuple[str, str]]:
     """Answer ``cfg.question``, or every question ``read_question`` returns until it returns None;
     each answer streams through ``on_text`` piece by piece. Returns the (question, answer) turns."""
+    with cpu_threads(cfg.threads):
+        return _chat(cfg, on_text, read_question)
+
+
+def _chat(
+    cfg: ChatConfig,
+    on_text: Callable[[str], None] | None,
+    read_question: Callable[[], str | None] | None,
+) -> list[tuple[str, str]]:
     session = open_chat(cfg)
     questions: Iterator[str | None]
     if cfg.question is not None:
@@ -222,6 +232,11 @@ class DescribeConfig(GenerationFlags):
 def describe(cfg: DescribeConfig, on_answer: Callable[[str, str], None] | None = None) -> list[tuple[str, str]]:
     """(file name, answer) for every video file in ``cfg.videos``, in name order. A video that
     cannot be decoded gets its error as the answer; the others go on."""
+    with cpu_threads(cfg.threads):
+        return _describe(cfg, on_answer)
+
+
+def _describe(cfg: DescribeConfig, on_answer: Callable[[str, str], None] | None) -> list[tuple[str, str]]:
     folder = Path(cfg.videos).expanduser()
     if not folder.is_dir():
         raise TrainerError(f"no such folder: {folder}")

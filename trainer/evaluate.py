@@ -145,6 +145,7 @@ class EvalConfig:
     max_samples: int | None = None  # evaluate only the first N samples
     examples: int = 5  # answers to include in the report
     device: str | None = None
+    threads: int | None = None  # CPU threads of torch (None: its default)
 
 
 @dataclass
@@ -159,6 +160,13 @@ class Question:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Validation loss, answer accuracy and (with labels) accuracy by question type; see the module docstring."""
+    from trainer.run import cpu_threads
+
+    with cpu_threads(cfg.threads):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from manifests.manifest import ManifestError, load_manifest
     from trainer.run import load_run, pick_device
 

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,26 @@ def write_run_config(run: Path, config: dict[str, Any]) -> None:
 
 def run_tokenizer(run: Path, config: dict[str, Any]) -> ChatTokenizer:
     return ChatTokenizer.load(Path(run) / "tokenizer.json", config["tokenizer"]["video_token"])
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op CPU threads (None: leave torch's setting). The tiny models of the
+    demo and the tests are small enough that one thread is often as fast as several, and far
+    faster when other processes compete for the cores (OpenMP threads then wait on each other)."""
+    if n is None:
+        yield
+        return
+    if n < 1:
+        from trainer.errors import TrainerError
+
+        raise TrainerError(f"--threads must be at least 1, got {n}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def pick_device(name: str | None = None) -> torch.device:

@@ -40,7 +40,7 @@ from trainer.errors import TrainerError
 from trainer.evaluate import validation_loss
 from trainer.loss import autocast, token_loss_sum
 from trainer.metrics import MetricsLog, plot_loss
-from trainer.run import read_run_config, write_run_config
+from trainer.run import cpu_threads, read_run_config, write_run_config
 from trainer.store import check_same_signature, check_store_matches_manifest, open_store
 from trainer.tokenization import DEFAULT_VOCAB_SIZE, VIDEO_TOKEN, ChatTokenizer, conversation_texts, train_bpe
 
@@ -51,7 +51,7 @@ DEFAULT_PRESET = "small"
 # settings that may change when a run is resumed: they do not change what is computed
 RESUMABLE_CHANGES = {
     "resume", "stop_after", "eval_every", "save_every", "keep", "workers", "feature_cache",
-    "compile", "device", "manifest", "store", "out", "steps", "epochs", "log_every",
+    "compile", "device", "manifest", "store", "out", "steps", "epochs", "log_every", "threads",
 }
 MODEL_FLAGS = ("preset", "init_lm", "tokenizer", "video_token", "summary", "queries", "summary_layers",
                "summary_heads", "combine", "projector", "vocab_size")
@@ -103,6 +103,7 @@ class TrainConfig:
     keep: int = 2
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
     log_every: int = 1  # metrics.jsonl line every N steps
+    threads: int | None = None  # CPU threads of torch (None: its default)
 
     def check(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "keep": self.keep, "max_len": self.max_len, "log_every": self.log_every}
@@ -268,7 +269,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     started = time.time()
     dist = init_distributed(cfg.device)
     try:
-        return _train(cfg, dist, started)
+        with cpu_threads(cfg.threads):
+            return _train(cfg, dist, started)
     finally:
         dist.close()
 
