@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import VideoLM, VideoLMConfig
+from model import VideoLM
 from trainer.checkpoint import latest_checkpoint
 from trainer.data import BatchDataset, BatchPlan, BatchStream, RamFeatures, build_examples
 from trainer.errors import TrainerError

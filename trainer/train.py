@@ -263,6 +263,39 @@ def _optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, device: 
 # --- the loop ------------------------------------------------------------------------------------
 
 
+def _step(
+    net: nn.Module,
+    micro: list,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    lr: float,
+    clip: float,
+    dist: Dist,
+    device: torch.device,
+) -> tuple[float, float, float]:
+    """One optimizer step over this rank's micro-batches: (global mean loss, gradient norm,
+    global input tokens). Every labelled token of the global batch weighs the same: each
+    micro-batch's loss sum is divided by the global token count (times the world size, which
+    DDP's gradient averaging divides out again)."""
+    n_target, n_tokens = dist.sum([sum(b.n_target_tokens for b in micro), sum(float(b.attention_mask.sum()) for b in micro)])
+    scale = dist.world / max(n_target, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1 or not dist.enabled  # DDP all-reduces on the last micro-batch only
+        with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
+            logits, _ = net(batch.input_ids, video=batch.video)
+            part = token_loss_sum(logits, batch.labels)
+        (part * scale).backward()
+        loss_sum += part.detach().double()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    (total_loss,) = dist.sum([loss_sum.item()])
+    return total_loss / max(n_target, 1.0), float(grad_norm), n_tokens
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run ``cfg.out``; see the module docstring."""
     cfg.check()
@@ -413,7 +446,7 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     model.train()
     last_loss: float | None = None
     val_loss: float | None = None
-    last_ckpt = resume_ckpt
+    at_boundary = True
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not dist.is_main, dynamic_ncols=True)
     tokens_seen, window_start, last_plot = 0.0, time.time(), 0.0
     spe = plan.steps_per_epoch
@@ -424,26 +457,11 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
             batches = stream.epoch(epoch, in_epoch)
             while step < stop_at and in_epoch < spe:
                 micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
-                n_target, n_tokens = dist.sum([sum(b.n_target_tokens for b in micro), sum(float(b.attention_mask.sum()) for b in micro)])
-                scale = dist.world / max(n_target, 1.0)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for i, batch in enumerate(micro):
-                    sync = i == len(micro) - 1 or not dist.enabled
-                    with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
-                        logits, _ = net(batch.input_ids, video=batch.video)
-                        part = token_loss_sum(logits, batch.labels)
-                    (part * scale).backward()
-                    loss_sum += part.detach().double()
-                params = [p for _, p in trainable]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
                 lr = lr_at(step, cfg, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                (total_loss,) = dist.sum([loss_sum.item()])
-                last_loss = total_loss / max(n_target, 1.0)
+                at_boundary = False  # an interrupt now would leave weights a step ahead of `step`
+                last_loss, grad_norm, n_tokens = _step(net, micro, optimizer, [p for _, p in trainable], lr, cfg.clip, dist, device)
                 step += 1
+                at_boundary = True
                 in_epoch += 1
                 tokens_seen += n_tokens
                 now = time.time()
@@ -451,7 +469,7 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
                 if dist.is_main:
                     if step % cfg.log_every == 0 or step == stop_at:
                         metrics.append({
-                            "step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+                            "step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                             "tokens": int(n_tokens), "tokens_per_s": round(rate, 1), "elapsed_s": round(now - started, 3),
                         })
                     bar.update(1)
@@ -462,10 +480,10 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                     val_loss = evaluate_now(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
-                    last_ckpt = checkpoint_now(step, epoch) or last_ckpt
+                    checkpoint_now(step, epoch)
                     saved_at = step
     except KeyboardInterrupt:
-        if dist.is_main and step > 0 and saved_at != step:
+        if dist.is_main and step > 0 and saved_at != step and at_boundary:
             log.warning("interrupted: saving step %d", step)
             save_checkpoint(out, step, step // spe, model, optimizer, cfg.keep, {"total_steps": total})
         raise
@@ -474,7 +492,7 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     if step >= total:
         val_loss = evaluate_now(step)
     if saved_at != step:
-        last_ckpt = checkpoint_now(step, step // spe) or last_ckpt
+        checkpoint_now(step, step // spe)
     elif dist.is_main:
         plot_loss(metrics.read(), out / "loss.png")
     if step >= total:
