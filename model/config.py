@@ -82,7 +82,8 @@ class SummaryConfig(_FromDict):
     ``kind="full"`` is the GPT4Video / mPLUG-Owl abstractor (pre-LayerNorm cross-attention over
     [video tokens; queries], residuals, feed-forward, ``n_layers`` layers). ``kind="cinego"`` is
     Cinego's block (attention only, no norm, residual or feed-forward); see `cinego()`.
-    Both have a spatial and a temporal query set; only the temporal set sees frame positions.
+    Both have a spatial and a temporal query set; only the temporal set sees frame positions,
+    both see token positions (the `cinego` kind has neither).
     """
 
     kind: Literal["full", "cinego"] = "full"
@@ -92,6 +93,9 @@ class SummaryConfig(_FromDict):
     n_heads: int = 8
     n_frames: int = 32  # size of the frame-position table: the most frames a video may have
     use_frame_pos: bool = True
+    n_tokens: int = 577  # size of the token-position table: the most tokens per frame (ViT-L/14 at 336 px)
+    use_token_pos: bool = True
+    pos_std: float = 1.0  # init scale of the position tables (the CLIP tokens have unit scale)
     combine: Literal["sum", "concat"] = "sum"  # how the spatial and temporal sets are joined
     mlp_ratio: float = 4.0  # feed-forward width / vision_dim (full kind only)
 
@@ -110,7 +114,8 @@ class SummaryConfig(_FromDict):
         """Cinego's VideoSummarizer: one attention-only layer, 197 spatial + 197 temporal queries
         summed, no frame positions (so it cannot tell frame order)."""
         return cls(
-            kind="cinego", vision_dim=vision_dim, n_queries=197, n_layers=1, use_frame_pos=False
+            kind="cinego", vision_dim=vision_dim, n_queries=197, n_layers=1, use_frame_pos=False,
+            use_token_pos=False,
         )
 
     @property

@@ -1,8 +1,10 @@
 """VideoSummary: a fixed number of learnable query tokens that read all frame tokens of a video.
 
-Following GPT4Video, two query sets read the video: a spatial set over the raw frame tokens and
-a temporal set over the frame tokens plus a learned frame-position embedding (added to every
-token of frame f), so the temporal set can tell the order of the frames. Their outputs are
+Following GPT4Video, two query sets read the video: a spatial set over the frame tokens and a
+temporal set over the frame tokens plus a learned frame-position embedding (added to every
+token of frame f), so the temporal set can tell the order of the frames. Both sets also see a
+learned token-position embedding (token t of every frame), so where a thing is in the frame is
+explicit rather than left to the encoder's faint positional traces. Their outputs are
 summed or concatenated.
 
 The `full` kind is the mPLUG-Owl / GPT4Video abstractor layer: pre-LayerNorm, queries attend over
@@ -95,8 +97,15 @@ class VideoSummary(nn.Module):
         self.cfg = cfg
         self.spatial = QuerySet(cfg)
         self.temporal = QuerySet(cfg)
+        # Position tables at unit scale, like the LayerNorm-ed CLIP tokens they are added to (at
+        # GPT's usual 0.02 they are invisible next to them and are learnt far too slowly).
         self.frame_pos = (
-            nn.Parameter(torch.randn(cfg.n_frames, cfg.vision_dim) * 0.02) if cfg.use_frame_pos else None
+            nn.Parameter(torch.randn(cfg.n_frames, cfg.vision_dim) * cfg.pos_std) if cfg.use_frame_pos else None
+        )
+        # Where in the frame a token sits: CLIP towers carry it only weakly in the token content,
+        # and motion is "where" changing with "when".
+        self.token_pos = (
+            nn.Parameter(torch.randn(cfg.n_tokens, cfg.vision_dim) * cfg.pos_std) if cfg.use_token_pos else None
         )
         self.norm = nn.LayerNorm(cfg.vision_dim) if cfg.kind == "full" else nn.Identity()
 
@@ -106,6 +115,10 @@ class VideoSummary(nn.Module):
             raise ValueError(
                 f"video has {n_frames} frames; the frame-position table holds {self.cfg.n_frames}"
             )
+        if self.token_pos is not None:
+            if T > self.cfg.n_tokens:
+                raise ValueError(f"frames have {T} tokens; the token-position table holds {self.cfg.n_tokens}")
+            video = video + self.token_pos[:T]  # token t of every frame gets pos t
         spatial = self.spatial(video.reshape(B, n_frames * T, D))  # (B, Q, D)
         if self.frame_pos is not None:
             video = video + self.frame_pos[:n_frames, None, :]  # every token of frame f gets pos f
