@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "failed video, its reason.")
     p.add_argument("--store", type=Path, required=True, help="feature store")
     p.add_argument("--manifest", type=Path, required=True, help="manifest folder the store was made from")
-    p.add_argument("--video", required=True, help="video id")
+    p.add_argument("--video", required=True, help="the video id to show (as in videos.jsonl)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.set_defaults(func=cmd_show)
     return parser
