@@ -1,9 +1,14 @@
 # The README's two commands: `make demo` (set up + run the demo) and `make test`.
-# Everything lives in a project-local virtual environment, .venv/.
+# Everything lives in a project-local virtual environment, .venv/; the demo writes only demo_out/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
+DEMO_VIDEOS ?= 600
+DEMO_STEPS ?= 1500
+# the demo model: tiny LM, a small VideoSummary over demo-tiny's 37 x 64 tokens per frame
+DEMO_MODEL := --preset tiny --vocab-size 1000 --queries 16 --summary-layers 2 --summary-heads 4
+DEMO_TRAIN := --steps $(DEMO_STEPS) --batch-size 32 --lr 1e-3 --feature-cache ram --log-every 50 --seed 0
 
 .PHONY: setup demo test clean-demo
 
@@ -15,9 +20,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(PY) run_extract.py demo-corpus --out $(DEMO_OUT)/corpus
+	$(PY) run_extract.py demo-corpus --out $(DEMO_OUT)/corpus --videos $(DEMO_VIDEOS) --seed 0
 	$(PY) run_extract.py manifest --instructions $(DEMO_OUT)/corpus/instructions.json \
-	    --videos $(DEMO_OUT)/corpus/videos --out $(DEMO_OUT)/manifest
+	    --videos $(DEMO_OUT)/corpus/videos --out $(DEMO_OUT)/manifest --val-fraction 0.1
+	$(PY) run_extract.py extract --manifest $(DEMO_OUT)/manifest --store $(DEMO_OUT)/store.zarr \
+	    --encoder demo-tiny --pretrained none
+	$(PY) run_extract.py status --store $(DEMO_OUT)/store.zarr
+	$(PY) run_train.py train --manifest $(DEMO_OUT)/manifest --store $(DEMO_OUT)/store.zarr \
+	    --out $(DEMO_OUT)/run $(DEMO_MODEL) $(DEMO_TRAIN)
+	$(PY) run_train.py train --manifest $(DEMO_OUT)/manifest --store $(DEMO_OUT)/store.zarr \
+	    --out $(DEMO_OUT)/run-cinego --summary cinego --preset tiny --vocab-size 1000 $(DEMO_TRAIN)
+	$(PY) run_train.py chat --run $(DEMO_OUT)/run --store $(DEMO_OUT)/store.zarr --row 0 \
+	    --question "In which direction does the object move?"
+	$(PY) run_train.py eval --run $(DEMO_OUT)/run --labels $(DEMO_OUT)/corpus/labels.json \
+	    --table --compare $(DEMO_OUT)/run-cinego
 
 test: setup
 	$(PY) -m pytest

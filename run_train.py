@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     e.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     e.add_argument("--threads", type=int, help=THREADS_HELP)
+    e.add_argument("--table", action="store_true",
+                   help="with --labels: a Markdown table of accuracy by type for the run, its zero-video and "
+                        "no-video ablations and each --compare run, instead of JSON")
+    e.add_argument("--compare", type=Path, nargs="*", default=[], metavar="RUN",
+                   help="other runs for the --table (e.g. the cinego summary trained with the same budget)")
 
     c = sub.add_parser("chat", help="ask a trained run about a video (streams the answer)")
     c.add_argument("--run", type=Path, required=True, help="run directory")
@@ -155,9 +160,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"run {result.run}: step {result.step}/{result.total_steps}, loss {loss}, val loss {val}, "
                   f"{result.seconds:.0f} s, checkpoint {result.checkpoint}")
     elif args.command == "eval":
-        from trainer.evaluate import EvalConfig, evaluate
+        from trainer.evaluate import EvalConfig, accuracy_table, evaluate
 
-        print(json.dumps(evaluate(_config(EvalConfig, args)), indent=2))
+        cfg = _config(EvalConfig, args)
+        if args.table:
+            print(accuracy_table(cfg, args.compare))
+        else:
+            print(json.dumps(evaluate(cfg), indent=2))
     elif args.command == "chat":
         from trainer.chat import ChatConfig, chat
 

@@ -23,6 +23,7 @@ import re
 import string
 from collections import defaultdict
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,27 @@ def _by_type(questions: Sequence[Question], answers: Sequence[str], labels: dict
         }
         for kind in LABEL_KEYS
     }
+
+
+# --- the comparison table of the demo ------------------------------------------------------------
+
+
+def accuracy_table(cfg: EvalConfig, compare: Sequence[Path] = ()) -> str:
+    """A Markdown table of accuracy by question type (needs ``cfg.labels``): the run as trained,
+    with its video features zeroed and with no video at all, then each run of ``compare`` (e.g.
+    the `cinego` summary trained with the same budget), beside the chance level."""
+    if cfg.labels is None:
+        raise TrainerError("the accuracy table needs --labels")
+    columns: dict[str, dict[str, Any]] = {}
+    for ablate in (None, "zero-video", "no-video"):
+        name = f"{cfg.run.name}" + (f" ({ablate})" if ablate else "")
+        columns[name] = evaluate(dataclasses.replace(cfg, ablate=ablate))["by_type"]
+    for run in compare:
+        columns[Path(run).name] = evaluate(dataclasses.replace(cfg, run=Path(run), ablate=None))["by_type"]
+    first = next(iter(columns.values()))
+    lines = ["| question type | n | chance | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for qtype, stats in first.items():
+        cells = [f"{columns[c][qtype]['accuracy']:.0%}" for c in columns]
+        lines.append(f"| {qtype} | {stats['n']} | {stats['chance']:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
