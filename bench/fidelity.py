@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from pipeline.decode import DecodeSpec, decode_video  # noqa: E402
 from pipeline.encoder import Encoder, EncoderSpec, load_encoder  # noqa: E402
 from pipeline.sampling import UNIFORM, uniform_indices  # noqa: E402
+from report import compact_json  # bench/report.py (bench/ is on sys.path when run as a script)
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov"}
 
@@ -205,12 +205,6 @@ def measure_encoder(model: str, args: argparse.Namespace, videos: list[Path]) ->
         "per_video": per_video,
         "runtime_s": round(time.perf_counter() - started, 1),
     }
-
-
-def compact_json(obj: dict) -> str:
-    """Indented JSON with lists of numbers kept on one line."""
-    text = json.dumps(obj, indent=2)
-    return re.sub(r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
 def main(argv: list[str] | None = None) -> dict:

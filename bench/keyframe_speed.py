@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from pipeline.decode import DecodeSpec, decode_video  # noqa: E402
 from pipeline.sampling import KEYFRAME, UNIFORM  # noqa: E402
+from report import compact_json  # bench/report.py (bench/ is on sys.path when run as a script)
 
 GOP = 250
 X264_OPTIONS = {"g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "preset": "ultrafast", "threads": "1"}
@@ -166,12 +166,6 @@ def time_open(path: Path) -> float:
     elapsed = time.perf_counter() - start
     del reader
     return elapsed
-
-
-def compact_json(obj: dict) -> str:
-    """Indented JSON with lists of numbers kept on one line."""
-    text = json.dumps(obj, indent=2)
-    return re.sub(r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
 def main(argv: list[str] | None = None) -> dict:
