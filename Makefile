@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
-DEMO_VIDEOS ?= 600
+DEMO_VIDEOS ?= 480
 DEMO_STEPS ?= 1500
 # the demo model: tiny LM, a small VideoSummary over demo-tiny's 37 x 64 tokens per frame
-DEMO_MODEL := --preset tiny --vocab-size 1000 --queries 16 --summary-layers 2 --summary-heads 4
+DEMO_MODEL := --preset tiny --vocab-size 1000 --queries 16 --summary-layers 2 --summary-heads 4 --combine concat
 DEMO_TRAIN := --steps $(DEMO_STEPS) --batch-size 32 --lr 1e-3 --feature-cache ram --log-every 50 --seed 0
 
 .PHONY: setup demo test clean-demo
@@ -29,7 +29,7 @@ demo: setup
 	$(PY) run_train.py train --manifest $(DEMO_OUT)/manifest --store $(DEMO_OUT)/store.zarr \
 	    --out $(DEMO_OUT)/run $(DEMO_MODEL) $(DEMO_TRAIN)
 	$(PY) run_train.py train --manifest $(DEMO_OUT)/manifest --store $(DEMO_OUT)/store.zarr \
-	    --out $(DEMO_OUT)/run-cinego --summary cinego --preset tiny --vocab-size 1000 $(DEMO_TRAIN)
+	    --out $(DEMO_OUT)/run-cinego --summary cinego --preset tiny --vocab-size 1000 --queries 16 $(DEMO_TRAIN)
 	$(PY) run_train.py chat --run $(DEMO_OUT)/run --store $(DEMO_OUT)/store.zarr --row 0 \
 	    --question "In which direction does the object move?"
 	$(PY) run_train.py eval --run $(DEMO_OUT)/run --labels $(DEMO_OUT)/corpus/labels.json \

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch")
     s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     s.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    s.add_argument("--lm-lr-ratio", type=float, default=0.1,
+                   help="the LM's learning rate as a fraction of --lr (default 0.1: a fresh LM at the full rate "
+                        "learns the answer format so fast that the video signal is drowned)")
     s.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at lr x this (default 0.1)")
     s.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the run)")
     s.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
