@@ -5,10 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
 DEMO_VIDEOS ?= 480
-DEMO_STEPS ?= 1500
+DEMO_STEPS ?= 3000
 # the demo model: tiny LM, a small VideoSummary over demo-tiny's 37 x 64 tokens per frame
 DEMO_MODEL := --preset tiny --vocab-size 1000 --queries 16 --summary-layers 2 --summary-heads 4 --combine concat
-DEMO_TRAIN := --steps $(DEMO_STEPS) --batch-size 32 --lr 1e-3 --feature-cache ram --log-every 50 --seed 0
+DEMO_TRAIN := --steps $(DEMO_STEPS) --batch-size 16 --lr 2e-3 --lm-lr-ratio 0.05 --feature-cache ram --log-every 50 --seed 0
 
 .PHONY: setup demo test clean-demo
 

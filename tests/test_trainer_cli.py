@@ -169,7 +169,7 @@ def test_chat_and_describe_videos_that_are_not_in_the_store(tmp_path, capsys):
 
     code, out, err = cli("chat", "--run", str(run), "--video", str(sorted(videos.iterdir())[0]),
                          "--question", "What colour is the moving object?", "--max-new-tokens", "5", capsys=capsys)
-    assert code == 0 and out.strip(), err
+    assert code == 0 and out.endswith("\n"), err  # a 2-step model may well answer with its end token at once
     code, out, err = cli("describe", "--run", str(run), "--videos", str(videos), "--max-new-tokens", "5", capsys=capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
