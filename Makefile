@@ -30,7 +30,10 @@ demo: setup
 	    --out $(DEMO_OUT)/run $(DEMO_MODEL) $(DEMO_TRAIN)
 	$(PY) run_train.py train --manifest $(DEMO_OUT)/manifest --store $(DEMO_OUT)/store.zarr \
 	    --out $(DEMO_OUT)/run-cinego --summary cinego --preset tiny --vocab-size 1000 --queries 16 $(DEMO_TRAIN)
-	$(PY) run_train.py chat --run $(DEMO_OUT)/run --store $(DEMO_OUT)/store.zarr --row 0 \
+	$(PY) run_extract.py demo-corpus --out $(DEMO_OUT)/heldout --videos 3 --seed 1
+	$(PY) run_train.py chat --run $(DEMO_OUT)/run --video $$(ls $(DEMO_OUT)/heldout/videos/*.mp4 | head -1) \
+	    --question "What colour is the moving object?"
+	$(PY) run_train.py describe --run $(DEMO_OUT)/run --videos $(DEMO_OUT)/heldout/videos \
 	    --question "In which direction does the object move?"
 	$(PY) run_train.py eval --run $(DEMO_OUT)/run --labels $(DEMO_OUT)/corpus/labels.json \
 	    --table --compare $(DEMO_OUT)/run-cinego
