@@ -9,6 +9,7 @@ Heavy modules (torch, ray, open_clip) are imported only by the subcommand that n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -21,40 +22,22 @@ def cmd_demo_corpus(args: argparse.Namespace) -> None:
     make_demo_corpus(args.out, n_videos=args.videos, seed=args.seed)  # logs its own summary
 
 
+def _config(cls: type, args: argparse.Namespace) -> object:
+    """The config dataclass `cls` filled from the flags of the same names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def cmd_manifest(args: argparse.Namespace) -> None:
     from manifests.build import ManifestConfig, build_manifest
 
-    cfg = ManifestConfig(
-        instructions=args.instructions,
-        videos=args.videos,
-        out=args.out,
-        shard_size=args.shard_size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        max_videos=args.max_videos,
-        format=args.format,
-    )
-    print("\n".join(build_manifest(cfg).lines()))
+    print("\n".join(build_manifest(_config(ManifestConfig, args)).lines()))
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
     from pipeline.extract import ExtractConfig, extract
 
-    cfg = ExtractConfig(
-        manifest=args.manifest,
-        store=args.store,
-        encoder=args.encoder,
-        pretrained=args.pretrained,
-        frames=args.frames,
-        sampling=args.sampling,
-        layer=args.layer,
-        batch_size=args.batch_size,
-        ray_address=args.ray_address,
-        decoders=args.decoders,
-        precision=args.precision,
-        decode_timeout_s=args.decode_timeout,
-    )
-    print(extract(cfg))
+    print(extract(_config(ExtractConfig, args)))
 
 
 def _int_list(text: str) -> list[int]:
@@ -71,18 +54,7 @@ def _str_list(text: str) -> list[str]:
 def cmd_rebuild(args: argparse.Namespace) -> None:
     from pipeline.extract import RebuildConfig, rebuild
 
-    cfg = RebuildConfig(
-        manifest=args.manifest,
-        store=args.store,
-        shards=args.shards,
-        failed=args.failed,
-        videos=args.videos,
-        batch_size=args.batch_size,
-        ray_address=args.ray_address,
-        decoders=args.decoders,
-        decode_timeout_s=args.decode_timeout,
-    )
-    print(rebuild(cfg))
+    print(rebuild(_config(RebuildConfig, args)))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -130,7 +102,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoders", type=int, default=None,
                    help="concurrent decode tasks (default: CPUs minus one per GPU encoder; a quarter of the CPUs "
                         "on a CPU-only cluster, the rest encode)")
-    p.add_argument("--decode-timeout", type=float, default=120.0,
+    p.add_argument("--decode-timeout", type=float, default=120.0, dest="decode_timeout_s", metavar="SECONDS",
                    help="seconds before a video's decode is killed and recorded as a hang (default: 120)")
 
 
