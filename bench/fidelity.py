@@ -33,7 +33,6 @@ Output: a JSON object on stdout (and in --out if given), then a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile

@@ -28,7 +28,6 @@ Output: a JSON object on stdout (and in --out if given), then a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile

@@ -43,6 +43,7 @@ def show(store: Path, manifest_dir: Path, video_id: str, out: Path) -> Path:
     if entry.row >= attrs["n_rows"]:
         raise ExtractError(f"video {video_id!r} (row {entry.row}) is not in the store yet; run extract")
     state = int(g["status"][entry.row])
+    indices = g["frame_index"][entry.row].tolist()
     header = f"{video_id}  row {entry.row}  shard {entry.shard}  status {STATUS_NAMES.get(state, state)}"
     frames = np.zeros((0,))
     reason = ""
@@ -52,7 +53,6 @@ def show(store: Path, manifest_dir: Path, video_id: str, out: Path) -> Path:
     elif state == OK:
         enc = attrs["encoder"]
         spec = DecodeSpec(attrs["frames"], attrs["sampling"], enc["image_size"], enc["resize_mode"])
-        indices = g["frame_index"][entry.row].tolist()
         path = manifest.video_root / entry.path
         try:
             decoded = decode_image(path, spec) if entry.kind == "image" else decode_video(path, spec, indices)
@@ -69,7 +69,6 @@ def show(store: Path, manifest_dir: Path, video_id: str, out: Path) -> Path:
     draw.text((GAP, 4), header, fill="black")
     if reason:
         draw.text((GAP, 20), f"reason: {reason}", fill=(180, 0, 0))
-    indices = g["frame_index"][entry.row].tolist()
     seconds = _timestamps(manifest.video_root / entry.path, indices) if n and entry.kind == "video" else []
     for i, frame in enumerate(frames):
         x, y = tile_origin(i, size)

@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from manifests.manifest import IMAGE_EXTENSIONS, VideoEntry, load_manifest
+from manifests.manifest import IMAGE_EXTENSIONS, load_manifest
 from pipeline import distributed
-from pipeline.decode import DecodeSpec
+from pipeline.decode import DecodeSpec, decode_file
 from pipeline.encoder import EncoderSpec, load_encoder
-from pipeline.errors import ExtractError
+from pipeline.errors import DecodeError, ExtractError
 from pipeline.sampling import SAMPLING_POLICIES
-from pipeline.shard import extract_shard_local
 from pipeline.inspect import open_store
 from pipeline.store import FAILED, ShardResult, open_or_create, pending_shards, store_attrs, write_shard
 
@@ -182,11 +181,10 @@ def encode_video_file(video_path: Path, store_attrs: dict[str, Any], device: str
         raise ExtractError(f"the weights {enc['model']}/{enc['pretrained']} loaded here differ from the store's")
     path = Path(video_path).expanduser().resolve()
     kind = "image" if path.suffix.lower() in IMAGE_EXTENSIONS else "video"
-    entry = VideoEntry(row=0, video_id=path.stem, path=path.name, bytes=path.stat().st_size, fingerprint="",
-                       shard=0, split="val", kind=kind)
     decode = DecodeSpec(store_attrs["frames"], store_attrs["sampling"], encoder.image_size,
                         encoder.attrs["resize_mode"])
-    result = extract_shard_local(path.parent, 0, [entry], decode, encoder)
-    if result.failures:
-        raise ExtractError(f"{path}: {result.failures[0]['reason']}")
-    return result.tokens[0]
+    try:
+        decoded = decode_file(path, kind, decode)
+    except DecodeError as err:
+        raise ExtractError(f"{path}: {err}") from err
+    return encoder.encode(decoded.frames)

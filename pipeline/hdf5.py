@@ -23,9 +23,8 @@ from tqdm import tqdm
 from manifests.manifest import load_manifest
 from pipeline.errors import ExtractError
 from pipeline.inspect import open_store
-from pipeline.store import commit_path, open_or_create, read_commit
+from pipeline.store import ARRAYS, commit_path, open_or_create, read_commit
 
-ARRAYS = ("tokens", "frame_index", "n_frames", "status")
 SPLITS = ("train", "val")
 
 

@@ -20,7 +20,7 @@ import zarr
 from manifests.manifest import load_manifest
 from pipeline.encoder import encoder_fingerprint
 from pipeline.errors import ExtractError
-from pipeline.store import FAILED, OK, PENDING, data_sha256, read_commit, rows_sha256, spec_sha256
+from pipeline.store import ARRAYS, FAILED, OK, PENDING, data_sha256, read_commit, rows_sha256, spec_sha256
 
 
 def open_store(path: Path) -> zarr.Group:
@@ -146,18 +146,17 @@ def verify(store: Path, manifest_dir: Path | None = None) -> list[str]:
             problems.append(f"{where}: the store's attributes changed since this shard was committed (edited?)")
         if commit.get("rows") != [start, stop]:
             problems.append(f"{where}: commit record covers rows {commit.get('rows')}")
-        try:
-            checksum = data_sha256(g, start, stop)
-        except Exception as err:  # a corrupt shard file fails to decode
+        try:  # each array of the shard read once; a corrupt shard file fails to decode
+            tokens, frame_index, n_frames, st = (g[name][start:stop] for name in ARRAYS)
+        except Exception as err:
             problems.append(f"{where}: unreadable data ({' '.join(str(err).split())[:120]})")
             continue
-        if checksum != commit.get("data_sha256"):
+        if data_sha256(tokens, frame_index, n_frames, st) != commit.get("data_sha256"):
             problems.append(f"{where}: data checksum mismatch (the shard's files changed after commit)")
-        st = g["status"][start:stop]
         failed_rows = {f["row"] for f in commit.get("failures", [])}
         if set((np.flatnonzero(st == FAILED) + start).tolist()) != failed_rows or (st == PENDING).any():
             problems.append(f"{where}: status array disagrees with the commit record")
-        if not np.isfinite(g["tokens"][start:stop].astype(np.float32)).all():
+        if not np.isfinite(tokens.astype(np.float32)).all():
             problems.append(f"{where}: non-finite token values")
         if manifest is not None and commit.get("rows_sha256") != rows_sha256(manifest.shard_rows(shard)):
             problems.append(f"{where}: committed for other manifest rows (rebuild it)")

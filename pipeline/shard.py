@@ -1,10 +1,9 @@
 """A shard in the making: per-row outcomes collected, then one `ShardResult` for the writer.
 
-The orchestrator (Ray) and the in-process driver below fill the same buffer, so the rules
-(failed rows keep zero tokens and a reason; every row ends ok or failed) live in one place.
-`extract_shard_local` is the whole pipeline for one shard without Ray: for benchmarks, a GPU
-machine without Ray, and `chat --video`. It decodes in this process, so it has no protection
-against a decoder that hangs or crashes; the Ray orchestrator has.
+The rules (failed rows keep zero tokens and a reason; every row ends ok or failed) live here,
+apart from Ray, so the orchestrator stays a loop of scheduling decisions. Without Ray the stages
+are two calls: `pipeline.decode.decode_file` then `pipeline.encoder.Encoder.encode` (as
+`chat --video` and the benchmarks use them).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import numpy as np
 
 from manifests.manifest import VideoEntry
 from pipeline.decode import DecodedVideo, DecodeSpec, decode_file
-from pipeline.encoder import Encoder
 from pipeline.errors import DecodeError
 from pipeline.store import FAILED, OK, ShardResult
 
@@ -61,22 +59,3 @@ def decode_entry(video_root: Path, entry: VideoEntry, spec: DecodeSpec) -> Decod
         return decode_file(video_root / entry.path, entry.kind, spec)
     except DecodeError as err:
         return str(err)
-
-
-def extract_shard_local(video_root: Path, shard: int, entries: list[VideoEntry], spec: DecodeSpec, encoder: Encoder,
-                        batch_size: int = 256) -> ShardResult:
-    """Decode and encode one shard in this process (no Ray, no hang protection)."""
-    attrs = encoder.attrs
-    buffer = ShardBuffer(shard, entries, spec.frames, attrs["tokens_per_frame"], attrs["width"])
-    decoded: list[tuple[VideoEntry, DecodedVideo]] = []
-    for entry in entries:
-        outcome = decode_entry(video_root, entry, spec)
-        if isinstance(outcome, str):
-            buffer.fail(entry.row, outcome)
-        else:
-            decoded.append((entry, outcome))
-    if decoded:
-        tokens = encoder.encode(np.concatenate([d.frames for _, d in decoded]), batch_size)  # (V*F, T, D)
-        for i, (entry, d) in enumerate(decoded):
-            buffer.put(entry.row, tokens[i * spec.frames : (i + 1) * spec.frames], d.frame_index, d.n_frames)
-    return buffer.result()

@@ -37,6 +37,7 @@ from pipeline.errors import ExtractError
 
 FORMAT_VERSION = 1
 PENDING, OK, FAILED = 0, 1, 2
+ARRAYS = ("tokens", "frame_index", "n_frames", "status")  # the per-row arrays, checksum order
 TOKEN_LAYOUT = "cls+patches"
 COMMITS = "commits"
 # what must agree between a store and a request to extend it (the manifest is checked apart)
@@ -93,17 +94,10 @@ def spec_sha256(attrs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meaning, sort_keys=True).encode()).hexdigest()
 
 
-def data_sha256(result_or_group: ShardResult | zarr.Group, start: int = 0, stop: int = 0) -> str:
-    """Checksum of a shard's arrays (tokens, frame_index, n_frames, status), from a result in
-    memory or read back from a store."""
-    if isinstance(result_or_group, ShardResult):
-        r = result_or_group
-        arrays = (r.tokens, r.frame_index, r.n_frames, r.status)
-    else:
-        g = result_or_group
-        arrays = tuple(g[name][start:stop] for name in ("tokens", "frame_index", "n_frames", "status"))
+def data_sha256(tokens: np.ndarray, frame_index: np.ndarray, n_frames: np.ndarray, status: np.ndarray) -> str:
+    """Checksum of a shard's arrays, in this order, C-order bytes."""
     h = hashlib.sha256()
-    for array in arrays:
+    for array in (tokens, frame_index, n_frames, status):
         h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
 
@@ -160,7 +154,7 @@ def check_compatible(have: dict[str, Any], want: dict[str, Any], path: Path) -> 
 
 
 def _grow(group: zarr.Group, n_rows: int) -> None:
-    for name in ("tokens", "frame_index", "n_frames", "status"):
+    for name in ARRAYS:
         array = group[name]
         array.resize((n_rows, *array.shape[1:]))
 
@@ -203,7 +197,7 @@ def write_shard(group: zarr.Group, store: Path, result: ShardResult, manifest: M
         "ok": int((result.status == OK).sum()),
         "failed": int((result.status == FAILED).sum()),
         "failures": result.failures,
-        "data_sha256": data_sha256(result),
+        "data_sha256": data_sha256(result.tokens, result.frame_index, result.n_frames, result.status),
         "encoder_fingerprint": group.attrs["encoder_fingerprint"],
         "spec_sha256": spec_sha256(dict(group.attrs)),
         "rows_sha256": rows_sha256(manifest.shard_rows(result.shard)),
