@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lm-lr-ratio", type=float, default=0.1,
                    help="the LM's learning rate as a fraction of --lr (default 0.1: a fresh LM at the full rate "
                         "learns the answer format so fast that the video signal is drowned)")
+    s.add_argument("--text-only-fraction", type=float, default=0.0,
+                   help="also train on text-only copies (video left out) of this share of the training samples, so "
+                        "that the model has a language prior for prompts without a video (default 0)")
     s.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at lr x this (default 0.1)")
     s.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the run)")
     s.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")

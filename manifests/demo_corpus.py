@@ -10,7 +10,8 @@ what the trained model is later tested on.
     OUT/instructions.json       [{"q": ..., "a": ..., "video_id": ...}, ...]  (VideoInstruct-100K)
     OUT/labels.json             {video_id: {"colour", "shape", "direction", "width", "height",
                                              "fps", "frames", "seconds"}}
-Everything is a function of the seed (the mp4 bytes included: x264 runs single-threaded).
+Everything is a function of the seed, the mp4 bytes included (x264 runs single-threaded and
+without its macroblock-tree rate control, whose output depended on uninitialised memory).
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def write_video(video: DemoVideo, path: Path, seed: int) -> None:
         stream = container.add_stream("libx264", rate=video.fps)
         stream.codec_context.time_base = Fraction(1, video.fps)
         stream.width, stream.height, stream.pix_fmt = video.width, video.height, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23", "threads": "1"}
+        # mbtree off: libx264's macroblock-tree rate control reads heap memory it never wrote, which
+        # made a few videos' bytes and pixels depend on the process's earlier allocations
+        stream.options = {"preset": "veryfast", "crf": "23", "threads": "1", "x264-params": "mbtree=0"}
         for index, (x, y) in enumerate(_positions(video, rng, size)):
             pixels = background.copy()
             pixels[y : y + size, x : x + size][mask] = colour

@@ -10,7 +10,8 @@ import torch
 import zarr
 
 from manifests.manifest import load_manifest
-from trainer.data import BatchDataset, BatchPlan, BatchStream, DiskFeatures, RamFeatures, build_examples, make_batch
+from trainer.data import (BatchDataset, BatchPlan, BatchStream, DiskFeatures, RamFeatures, add_text_only, build_examples,
+                          make_batch)
 from trainer.errors import TrainerError
 from trainer.store import check_store_matches_manifest, open_store
 from trainer.tokenization import IGNORE, ChatTokenizer, conversation_texts, train_bpe
@@ -56,6 +57,28 @@ def test_long_samples_are_cut_and_prompts_that_do_not_fit_skipped(corpus):
     assert max(cut.lengths) == longest - 2 and cut.truncated >= 1 and len(cut) == len(full)
     tiny = build_examples(manifest, store, tok, "train", n_video_tokens=4, max_len=5)
     assert len(tiny) == 0 and tiny.skipped["prompt longer than max_len"] == len(full)
+
+
+def test_text_only_copies_drop_the_video_and_keep_the_answers(corpus):
+    manifest, store, tok = corpus["manifest"], corpus["store"], corpus["tok"]
+    ex = build_examples(manifest, store, tok, "train", n_video_tokens=4, max_len=1000, keep_conversations=True)
+    with_video = list(ex.items)
+    added = add_text_only(ex, tok, 0.5, seed=3, max_len=1000)
+    assert added == round(0.5 * len(with_video)) and ex.items[: len(with_video)] == with_video
+    copies = ex.items[len(with_video):]
+    assert len({c.sample for c in copies}) == added  # distinct samples
+    by_sample = {e.sample: e for e in with_video}
+    for copy in copies:
+        original = by_sample[copy.sample]
+        assert copy.row == original.row and not (copy.input_ids == tok.video_id).any()
+        # the same text once the placeholder run and the line break after it are gone, the same answers learnt
+        ids = original.input_ids.tolist()
+        start, gap = ids.index(tok.video_id), 4 + len(tok.encode_text("\n"))
+        assert copy.input_ids.tolist() == ids[:start] + ids[start + gap:]
+        assert copy.labels[copy.labels != IGNORE].tolist() == original.labels[original.labels != IGNORE].tolist()
+    again = build_examples(manifest, store, tok, "train", n_video_tokens=4, max_len=1000, keep_conversations=True)
+    add_text_only(again, tok, 0.5, seed=3, max_len=1000)
+    assert [c.sample for c in again.items[len(with_video):]] == [c.sample for c in copies]  # a function of the seed
 
 
 def test_disk_and_ram_features_give_identical_batches(corpus):

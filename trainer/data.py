@@ -131,6 +131,26 @@ def build_examples(
     return out
 
 
+def add_text_only(examples: Examples, tok: ChatTokenizer, fraction: float, seed: int, max_len: int,
+                  system: str | None = None) -> int:
+    """Append text-only copies (no video placeholders) of a seeded ``fraction`` of the samples,
+    which must have been built with ``keep_conversations``. A model that has seen text-only
+    prompts answers them from the language prior alone, which is what `eval --ablate no-video`
+    means to measure; one that has not meets an input it was never trained on. Returns how many
+    were added."""
+    n = round(fraction * len(examples.items))
+    picked = np.random.default_rng([seed, 1]).choice(len(examples.items), size=n, replace=False)
+    added = 0
+    for index in sorted(picked.tolist()):
+        example = examples.items[index]
+        enc = tok.encode_conversation(examples.conversations[example.sample][1], 0, system)
+        if len(enc.input_ids) <= max_len:
+            ids, labels = (np.asarray(x, dtype=np.int64) for x in (enc.input_ids, enc.labels))
+            examples.items.append(Example(example.row, ids, labels, example.sample))
+            added += 1
+    return added
+
+
 # --- feature sources -----------------------------------------------------------------------------
 
 

@@ -34,7 +34,8 @@ from tqdm import tqdm
 from manifests.manifest import ManifestError, load_manifest
 from model import CheckpointError, LMConfig, ProjectorConfig, SummaryConfig, VideoLM, VideoLMConfig, lm_preset, read_lm_config
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, load_weights, require_checkpoint, save_checkpoint
-from trainer.data import FEATURE_CACHES, BatchDataset, BatchPlan, BatchStream, build_examples, make_features
+from trainer.data import (FEATURE_CACHES, BatchDataset, BatchPlan, BatchStream, add_text_only, build_examples,
+                          make_features)
 from trainer.distributed import Dist, init_distributed
 from trainer.errors import TrainerError
 from trainer.evaluate import validation_loss
@@ -89,6 +90,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup: int | None = None  # steps; default 5% of the run
     lm_lr_ratio: float = 0.1  # the LM learns at lr x this (see `_optimizer`)
+    text_only_fraction: float = 0.0  # also train on text-only copies of this share of the samples
     weight_decay: float = 0.01
     clip: float = 1.0  # max gradient norm; 0 = no clipping
     train_parts: tuple[str, ...] = PARTS
@@ -117,6 +119,8 @@ class TrainConfig:
             raise TrainerError(f"--epochs must be positive, got {self.epochs}")
         if not self.lr > 0:
             raise TrainerError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.text_only_fraction <= 1:
+            raise TrainerError(f"--text-only-fraction must be between 0 and 1, got {self.text_only_fraction}")
         if self.stop_after is not None and self.stop_after < 1:
             raise TrainerError(f"--stop-after must be at least 1, got {self.stop_after}")
         unknown = [p for p in self.train_parts if p not in PARTS]
@@ -343,9 +347,13 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     model_cfg = _model_config(cfg, tok, store, source)
     system = source.get("template", {}).get("system") if source is not None else cfg.system
     n_video = model_cfg.n_video_tokens
-    train_set = build_examples(manifest, store, tok, "train", n_video, cfg.max_len, system)
+    train_set = build_examples(manifest, store, tok, "train", n_video, cfg.max_len, system,
+                               keep_conversations=cfg.text_only_fraction > 0)
     val_set = build_examples(manifest, store, tok, "val", n_video, cfg.max_len, system)
     log.info("train: %s", train_set.summary())
+    if cfg.text_only_fraction > 0:
+        added = add_text_only(train_set, tok, cfg.text_only_fraction, cfg.seed, cfg.max_len, system)
+        log.info("train: %d text-only copies added (--text-only-fraction %g)", added, cfg.text_only_fraction)
     log.info("val: %s", val_set.summary())
 
     plan = BatchPlan(train_set.lengths, cfg.batch_size, cfg.grad_accum, dist.world, dist.rank, cfg.seed)
