@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from typing import Callable
 def cmd_demo_corpus(args: argparse.Namespace) -> None:
     from manifests.demo_corpus import make_demo_corpus
 
-    make_demo_corpus(args.out, n_videos=args.videos, seed=args.seed)  # logs its own summary
+    make_demo_corpus(args.out, n_videos=args.videos, seed=args.seed, workers=args.workers)  # logs its own summary
 
 
 def _config(cls: type, args: argparse.Namespace) -> object:
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to write the corpus into")
     p.add_argument("--videos", type=int, default=96, help="number of videos (default: 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the corpus is a function of it (default: 0)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes writing videos; the corpus does not depend on it (default: one per CPU core)")
     p.set_defaults(func=cmd_demo_corpus)
 
     p = sub.add_parser("manifest", help="build (or grow) a manifest from an instruction file and a video folder",

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--summary-layers", type=int, help="VideoSummary layers per query set (default 2)")
     m.add_argument("--summary-heads", type=int, help="attention heads of the VideoSummary (default 8)")
     m.add_argument("--combine", choices=("sum", "concat"), help="how spatial and temporal queries join")
+    m.add_argument("--token-mlp", action="store_true", default=None,
+                   help="a residual MLP on every frame token before the VideoSummary's queries read them (default "
+                        "off): lets the summary use features that are non-linear in the frozen CLIP tokens")
     m.add_argument("--projector", choices=("linear", "mlp"), help="vision -> LM projector (default mlp)")
     m.add_argument("--system", help="system prompt of the chat template (default none)")
     m.add_argument("--max-len", type=int, default=1024, help="tokens per sample; longer ones are cut")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import string
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ DIRECTIONS = ("left", "right", "up", "down")
 SIZES = ((320, 240), (426, 240), (480, 270), (480, 360), (640, 360))
 FRAME_RATES = (24, 25, 30)
 SECONDS = (2.0, 12.0)
+OBJECT_SIZE = 0.5  # the object's side as a fraction of the frame's shorter side
 NOISY_SUFFIX = "\nQA_GT_caption_based_noisy"
 
 COLOUR_QUESTIONS = ("What colour is the moving object?", "What is the color of the shape in the video?")
@@ -127,7 +130,7 @@ def _positions(video: DemoVideo, rng: np.random.Generator, size: int) -> np.ndar
 def write_video(video: DemoVideo, path: Path, seed: int) -> None:
     rng = np.random.default_rng([seed, *video.video_id.encode()])
     background = _background(rng, video.width, video.height)
-    size = int(0.3 * min(video.width, video.height))
+    size = int(OBJECT_SIZE * min(video.width, video.height))
     mask = _shape_mask(video.shape, size)
     colour = np.array(COLOURS[video.colour], dtype=np.uint8)
     with av.open(str(path), mode="w") as container:
@@ -165,16 +168,27 @@ def instructions_for(video: DemoVideo, index: int) -> list[dict[str, str]]:
     return [{"q": q, "a": a, "video_id": video.video_id} for q, a in records]
 
 
-def make_demo_corpus(out: Path, n_videos: int = 96, seed: int = 0) -> list[DemoVideo]:
-    """Write the demo corpus under `out` (see the module docstring) and return its plan."""
+def make_demo_corpus(out: Path, n_videos: int = 96, seed: int = 0, workers: int = 1) -> list[DemoVideo]:
+    """Write the demo corpus under `out` (see the module docstring) with `workers` processes and
+    return its plan. Each video is a function of the seed and its id alone, so the corpus does not
+    depend on the number of workers. The writers are always fresh (spawned) processes: in a process
+    that imported decord before PyAV, PyAV runs on decord's own FFmpeg build, whose x264 writes
+    other bytes."""
     if n_videos < 1:
         raise ValueError(f"--videos must be at least 1, got {n_videos}")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     out = Path(out).expanduser().resolve()
     (out / "videos").mkdir(parents=True, exist_ok=True)
     videos = plan_videos(n_videos, seed)
+    paths = [out / "videos" / f"{video.video_id}.mp4" for video in videos]
+    with tqdm(total=len(videos), desc="demo videos", unit="video") as progress, \
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in as_completed([pool.submit(write_video, v, p, seed) for v, p in zip(videos, paths)]):
+            done.result()  # a failed video fails the corpus
+            progress.update()
     records, labels = [], {}
-    for index, video in enumerate(tqdm(videos, desc="demo videos", unit="video")):
-        write_video(video, out / "videos" / f"{video.video_id}.mp4", seed)
+    for index, video in enumerate(videos):
         records += instructions_for(video, index)
         labels[video.video_id] = {
             "colour": video.colour,

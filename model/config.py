@@ -97,7 +97,8 @@ class SummaryConfig(_FromDict):
     use_token_pos: bool = True
     pos_std: float = 1.0  # init scale of the position tables (the CLIP tokens have unit scale)
     combine: Literal["sum", "concat"] = "sum"  # how the spatial and temporal sets are joined
-    mlp_ratio: float = 4.0  # feed-forward width / vision_dim (full kind only)
+    mlp_ratio: float = 4.0  # feed-forward width / vision_dim (full kind only; the token MLP's too)
+    token_mlp: bool = False  # a residual per-token MLP on the frame tokens before the queries read them
 
     def __post_init__(self) -> None:
         if self.kind not in ("full", "cinego"):

@@ -7,6 +7,11 @@ learned token-position embedding (token t of every frame), so where a thing is i
 explicit rather than left to the encoder's faint positional traces. Their outputs are
 summed or concatenated.
 
+With ``token_mlp`` every frame token first goes through one residual MLP of its own (shared
+weights, pre-LayerNorm). Keys and values are linear in the tokens, so without it the queries can
+only take weighted means of linear features of the frozen tokens; what is non-linear in them
+(the outline of a small object in a random tower's patch tokens, say) stays out of reach.
+
 The `full` kind is the mPLUG-Owl / GPT4Video abstractor layer: pre-LayerNorm, queries attend over
 [video tokens; queries], residual, feed-forward, ``n_layers`` layers and a final LayerNorm.
 The `cinego` kind is Cinego's own block, kept for comparison: attention only (its output
@@ -73,6 +78,19 @@ class CinegoLayer(nn.Module):
         return self.attention(queries, torch.cat([video, queries], dim=1))
 
 
+class TokenMLP(nn.Module):
+    """x + MLP(LayerNorm(x)) on every frame token: a trainable non-linearity over frozen features."""
+
+    def __init__(self, cfg: SummaryConfig) -> None:
+        super().__init__()
+        dim, hidden = cfg.vision_dim, int(cfg.mlp_ratio * cfg.vision_dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, video: Tensor) -> Tensor:
+        return video + self.mlp(self.norm(video))  # (B, F, T, D)
+
+
 class QuerySet(nn.Module):
     """One set of learnable queries and the layers through which it reads the video."""
 
@@ -108,6 +126,7 @@ class VideoSummary(nn.Module):
             nn.Parameter(torch.randn(cfg.n_tokens, cfg.vision_dim) * cfg.pos_std) if cfg.use_token_pos else None
         )
         self.norm = nn.LayerNorm(cfg.vision_dim) if cfg.kind == "full" else nn.Identity()
+        self.token_mlp = TokenMLP(cfg) if cfg.token_mlp else nn.Identity()
 
     def forward(self, video: Tensor) -> Tensor:
         B, n_frames, T, D = video.shape
@@ -115,6 +134,7 @@ class VideoSummary(nn.Module):
             raise ValueError(
                 f"video has {n_frames} frames; the frame-position table holds {self.cfg.n_frames}"
             )
+        video = self.token_mlp(video)
         if self.token_pos is not None:
             if T > self.cfg.n_tokens:
                 raise ValueError(f"frames have {T} tokens; the token-position table holds {self.cfg.n_tokens}")

@@ -84,7 +84,7 @@ def test_the_object_moves_in_the_labelled_direction(corpus):
 
 
 def test_the_corpus_is_a_function_of_the_seed(corpus, tmp_path):
-    make_demo_corpus(tmp_path, n_videos=12, seed=3)
+    make_demo_corpus(tmp_path, n_videos=12, seed=3, workers=2)  # the fixture's was written by one process
 
     def digest(root: Path) -> dict[str, str]:
         files = sorted(root.rglob("*"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import subprocess
 import sys
 
@@ -105,6 +107,25 @@ def test_cinego_summary_is_blind_to_frame_order():
         permuted = summary(video[:, [3, 0, 5, 1, 4, 2]])
     assert out.shape == (2, 197, 64)
     torch.testing.assert_close(out, permuted, rtol=0, atol=1e-5)
+
+
+def test_token_mlp_is_a_residual_mlp_on_every_frame_token():
+    torch.manual_seed(0)
+    cfg = SummaryConfig(vision_dim=64, n_queries=4, n_layers=1, n_heads=4, n_frames=8, token_mlp=True)
+    with_mlp = VideoSummary(cfg).eval()
+    without = VideoSummary(dataclasses.replace(cfg, token_mlp=False)).eval()
+    without.load_state_dict({k: v for k, v in with_mlp.state_dict().items() if not k.startswith("token_mlp.")})
+    video = _frames()
+    m = with_mlp.token_mlp
+    # by hand: LayerNorm, Linear, exact GELU, Linear, plus the input
+    x = torch.nn.functional.layer_norm(video, (64,), m.norm.weight, m.norm.bias)
+    h = x @ m.mlp[0].weight.T + m.mlp[0].bias
+    h = 0.5 * h * (1 + torch.erf(h / 2**0.5))
+    expected_tokens = video + h @ m.mlp[2].weight.T + m.mlp[2].bias
+    with torch.no_grad():
+        torch.testing.assert_close(with_mlp(video), without(expected_tokens))
+        cinego = VideoSummary(dataclasses.replace(SummaryConfig.cinego(64), token_mlp=True)).eval()
+        torch.testing.assert_close(cinego(video), cinego(video[:, [3, 0, 5, 1, 4, 2]]), rtol=0, atol=1e-5)
 
 
 def test_summary_frame_table_is_a_limit():

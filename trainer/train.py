@@ -55,7 +55,7 @@ RESUMABLE_CHANGES = {
     "compile", "device", "manifest", "store", "out", "steps", "epochs", "log_every", "threads",
 }
 MODEL_FLAGS = ("preset", "init_lm", "tokenizer", "video_token", "summary", "queries", "summary_layers",
-               "summary_heads", "combine", "projector", "vocab_size")
+               "summary_heads", "combine", "token_mlp", "projector", "vocab_size")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class TrainConfig:
     summary_layers: int | None = None
     summary_heads: int | None = None
     combine: str | None = None  # sum | concat
+    token_mlp: bool | None = None  # a per-token MLP before the VideoSummary's queries (default off)
     projector: str | None = None  # linear | mlp
     system: str | None = None  # system prompt of the chat template
     max_len: int = 1024  # tokens per sample, video placeholders included
@@ -237,7 +238,8 @@ def _model_config(cfg: TrainConfig, tok: ChatTokenizer, store: Any, source: dict
         if kind not in ("full", "cinego"):
             raise TrainerError(f"--summary must be full or cinego, got {kind!r}")
         base = SummaryConfig.cinego(store.width) if kind == "cinego" else SummaryConfig(vision_dim=store.width)
-        overrides = {"n_queries": cfg.queries, "n_layers": cfg.summary_layers, "n_heads": cfg.summary_heads, "combine": cfg.combine}
+        overrides = {"n_queries": cfg.queries, "n_layers": cfg.summary_layers, "n_heads": cfg.summary_heads,
+                     "combine": cfg.combine, "token_mlp": cfg.token_mlp}
         summary = dataclasses.replace(base, n_frames=store.frames, **{k: v for k, v in overrides.items() if v is not None})
         projector = ProjectorConfig(kind=cfg.projector or "mlp")  # type: ignore[arg-type]
         model_cfg = VideoLMConfig(lm=lm, summary=summary, projector=projector, video_token_id=tok.video_id)
