@@ -8,9 +8,10 @@ explicit rather than left to the encoder's faint positional traces. Their output
 summed or concatenated.
 
 With ``token_mlp`` every frame token first goes through one residual MLP of its own (shared
-weights, pre- and post-LayerNorm). Keys and values are linear in the tokens, so without it the queries can
-only take weighted means of linear features of the frozen tokens; what is non-linear in them
-(the outline of a small object in a random tower's patch tokens, say) stays out of reach.
+weights, pre- and post-LayerNorm). Keys and values are linear in the tokens, so without it the
+queries can only take weighted means of linear features of the frozen tokens; what is
+non-linear in them (the outline of a small object in a random tower's patch tokens, say) stays
+out of reach.
 
 The `full` kind is the mPLUG-Owl / GPT4Video abstractor layer: pre-LayerNorm, queries attend over
 [video tokens; queries], residual, feed-forward, ``n_layers`` layers and a final LayerNorm.
