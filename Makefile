@@ -37,7 +37,8 @@ demo: setup
 	$(PY) run_train.py eval --run $(DEMO_OUT)/run --labels $(DEMO_OUT)/corpus/labels.json \
 	    --table --compare $(DEMO_OUT)/run-cinego
 
-# the full model and the cinego summary with the same budget, side by side (one core each)
+# the full model and the cinego summary with the same budget, side by side (one core each);
+# --output-sync (GNU make >= 4) prints each run's output when that run ends
 demo-train: demo-run demo-run-cinego
 
 demo-run:

@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to write the corpus into")
     p.add_argument("--videos", type=int, default=96, help="number of videos (default: 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the corpus is a function of it (default: 0)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes writing videos; the corpus does not depend on it (default: one per CPU core)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes writing videos; the corpus does not depend on it (default: one per usable CPU core)")
     p.set_defaults(func=cmd_demo_corpus)
 
     p = sub.add_parser("manifest", help="build (or grow) a manifest from an instruction file and a video folder",

@@ -182,11 +182,16 @@ def make_demo_corpus(out: Path, n_videos: int = 96, seed: int = 0, workers: int 
     (out / "videos").mkdir(parents=True, exist_ok=True)
     videos = plan_videos(n_videos, seed)
     paths = [out / "videos" / f"{video.video_id}.mp4" for video in videos]
+    spawn = multiprocessing.get_context("spawn")
     with tqdm(total=len(videos), desc="demo videos", unit="video") as progress, \
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in as_completed([pool.submit(write_video, v, p, seed) for v, p in zip(videos, paths)]):
-            done.result()  # a failed video fails the corpus
-            progress.update()
+            ProcessPoolExecutor(min(workers, len(videos)), mp_context=spawn) as pool:
+        try:
+            for done in as_completed([pool.submit(write_video, v, p, seed) for v, p in zip(videos, paths)]):
+                done.result()  # a failed video fails the corpus
+                progress.update()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
     records, labels = [], {}
     for index, video in enumerate(videos):
         records += instructions_for(video, index)

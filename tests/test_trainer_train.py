@@ -72,6 +72,19 @@ def test_resume_continues_bit_for_bit(corpus):
     assert train(TrainConfig(**parts, resume=True)).step == 6
 
 
+def test_a_run_made_before_a_setting_existed_resumes_with_what_it_did(corpus):
+    args = run_args(corpus, "older", steps=2, lm_lr_ratio=1.0)
+    train(TrainConfig(**args, stop_after=1))
+    config_path = args["out"] / "config.json"
+    config = json.loads(config_path.read_text())
+    for added_later in ("lm_lr_ratio", "text_only_fraction"):  # as an older version wrote it
+        del config["train"][added_later]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(TrainerError, match="--lm-lr-ratio 1.0, not 0.1"):  # it trained the LM at the full rate
+        train(TrainConfig(**{**args, "lm_lr_ratio": 0.1}, resume=True))
+    assert train(TrainConfig(**args, resume=True)).step == 2
+
+
 def test_grad_accumulation_equals_a_bigger_batch(corpus):
     big = run_args(corpus, "big", steps=3, batch_size=4)
     small = run_args(corpus, "accum", steps=3, batch_size=2, grad_accum=2)

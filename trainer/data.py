@@ -138,6 +138,8 @@ def add_text_only(examples: Examples, tok: ChatTokenizer, fraction: float, seed:
     prompts answers them from the language prior alone, which is what `eval --ablate no-video`
     means to measure; one that has not meets an input it was never trained on. Returns how many
     were added."""
+    if examples.items and not examples.conversations:
+        raise ValueError("add_text_only needs examples built with keep_conversations=True")
     n = round(fraction * len(examples.items))
     picked = np.random.default_rng([seed, 1]).choice(len(examples.items), size=n, replace=False)
     added = 0

@@ -54,6 +54,9 @@ RESUMABLE_CHANGES = {
     "resume", "stop_after", "eval_every", "save_every", "keep", "workers", "feature_cache",
     "compile", "device", "manifest", "store", "out", "steps", "epochs", "log_every", "threads",
 }
+# Settings added after the first runs were made, and what a run made before them did: a run's
+# config.json without the key was trained with this value.
+SETTINGS_BEFORE_THEY_EXISTED = {"lm_lr_ratio": 1.0, "text_only_fraction": 0.0}
 MODEL_FLAGS = ("preset", "init_lm", "tokenizer", "video_token", "summary", "queries", "summary_layers",
                "summary_heads", "combine", "token_mlp", "projector", "vocab_size")
 
@@ -172,7 +175,7 @@ def _prepare_out(cfg: TrainConfig) -> dict[str, Any] | None:
     out = Path(cfg.out)
     if cfg.resume:
         saved = read_run_config(out)
-        old = saved["train"]
+        old = {**SETTINGS_BEFORE_THEY_EXISTED, **saved["train"]}
         new = cfg.record()
         changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
         if changed:
@@ -355,7 +358,8 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     log.info("train: %s", train_set.summary())
     if cfg.text_only_fraction > 0:
         added = add_text_only(train_set, tok, cfg.text_only_fraction, cfg.seed, cfg.max_len, system)
-        log.info("train: %d text-only copies added (--text-only-fraction %g)", added, cfg.text_only_fraction)
+        log.info("train: %d text-only copies added (--text-only-fraction %g): %d samples in all", added,
+                 cfg.text_only_fraction, len(train_set))
     log.info("val: %s", val_set.summary())
 
     plan = BatchPlan(train_set.lengths, cfg.batch_size, cfg.grad_accum, dist.world, dist.rank, cfg.seed)
