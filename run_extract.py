@@ -61,7 +61,7 @@ def cmd_rebuild(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     from pipeline.inspect import status
 
-    result = status(args.store)
+    result = status(args.store, args.manifest)
     print(result.to_json() if args.json else "\n".join(result.lines()))
 
 
@@ -101,10 +101,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None,
                    help="join a Ray cluster: auto or HOST:PORT (default: start a local cluster sized to this machine)")
     p.add_argument("--decoders", type=int, default=None,
-                   help="concurrent decode tasks (default: CPUs minus one per GPU encoder; a quarter of the CPUs "
-                        "on a CPU-only cluster, the rest encode)")
+                   help="concurrent decode tasks over the cluster (default: every CPU, minus one per GPU encoder)")
+    p.add_argument("--encoder-threads", type=int, default=None,
+                   help="torch threads of each CPU encoder (no GPUs): it reserves no CPU and shares the cores with "
+                        "the decoders (default: the node's CPUs)")
     p.add_argument("--decode-timeout", type=float, default=120.0, dest="decode_timeout_s", metavar="SECONDS",
-                   help="seconds before a video's decode is killed and recorded as a hang (default: 120)")
+                   help="seconds a video's decode may run (from its start) before it is killed and recorded as a "
+                        "hang (default: 120)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Turn a manifest into a feature store on this machine or a Ray cluster. "
                                    "Resumable: committed shards are skipped, the rest redone.")
     p.add_argument("--manifest", type=Path, required=True, help="manifest folder")
-    p.add_argument("--store", type=Path, required=True, help="feature store to create or complete (e.g. store.zarr)")
+    p.add_argument("--store", required=True, metavar="PATH_OR_URL", help="feature store to create or complete (e.g. store.zarr): a path or an fsspec URL (s3://bucket/store.zarr)")
     p.add_argument("--encoder", default="ViT-B-16",
                    help="open_clip model name, or demo-tiny (a tiny tower for demos and tests) (default: ViT-B-16)")
     p.add_argument("--pretrained", default="openai",
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-extract exactly the chosen shards with the store's own encoder settings and "
                                    "replace their commit records; every other shard's files stay byte-identical.")
     p.add_argument("--manifest", type=Path, required=True, help="manifest folder the store was made from")
-    p.add_argument("--store", type=Path, required=True, help="feature store to repair")
+    p.add_argument("--store", required=True, metavar="PATH_OR_URL", help="feature store to repair: a path or an fsspec URL (s3://bucket/store.zarr)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--shards", type=_int_list, help="comma-separated shard numbers, e.g. 3,7")
     which.add_argument("--failed", action="store_true", help="every shard holding a failed row")
@@ -185,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="rows ok/failed/pending, shards done, failures by reason, encoder",
                        description="Summarise a feature store: rows by status, shards committed, failures grouped "
                                    "by reason with their video ids, how the store was made, its size on disk.")
-    p.add_argument("--store", type=Path, required=True, help="feature store")
+    p.add_argument("--store", required=True, metavar="PATH_OR_URL", help="feature store: a path or an fsspec URL (s3://bucket/store.zarr)")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="also count a shard as done only if it was committed for this manifest's current rows")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_status)
 
@@ -193,14 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Recompute each shard's checksum against its commit record; check shapes, "
                                    "dtypes, finite values, the status array, the attributes, and (with --manifest) "
                                    "that the store belongs to that manifest. Prints problems shard by shard.")
-    p.add_argument("--store", type=Path, required=True, help="feature store")
+    p.add_argument("--store", required=True, metavar="PATH_OR_URL", help="feature store: a path or an fsspec URL (s3://bucket/store.zarr)")
     p.add_argument("--manifest", type=Path, default=None, help="also check the store against this manifest")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export-hdf5", help="write the store (or one split) to one HDF5 file",
                        description="Export arrays, attributes and commit records to one HDF5 file, chunked one "
                                    "video per chunk, for single-file interchange.")
-    p.add_argument("--store", type=Path, required=True, help="feature store")
+    p.add_argument("--store", required=True, metavar="PATH_OR_URL", help="feature store: a path or an fsspec URL (s3://bucket/store.zarr)")
     p.add_argument("--out", type=Path, required=True, help="HDF5 file to write (e.g. features.h5)")
     p.add_argument("--split", choices=("train", "val"), default=None,
                    help="only this split's rows (needs --manifest); such a file cannot be imported back")
@@ -211,14 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Recreate a feature store (arrays, attributes, commit records) from a full "
                                    "export-hdf5 file.")
     p.add_argument("--h5", type=Path, required=True, help="HDF5 file written by export-hdf5")
-    p.add_argument("--store", type=Path, required=True, help="new feature store path to create")
+    p.add_argument("--store", required=True, metavar="PATH_OR_URL", help="new feature store path to create: a path or an fsspec URL (s3://bucket/store.zarr)")
     p.set_defaults(func=cmd_import_hdf5)
 
     p = sub.add_parser("show", help="contact sheet PNG of the frames the encoder saw for one video",
                        description="Decode the video again at the stored frame indices, crop as the encoder did, "
                                    "and tile the F frames with index and timestamp; shows the status and, for a "
                                    "failed video, its reason.")
-    p.add_argument("--store", type=Path, required=True, help="feature store")
+    p.add_argument("--store", required=True, metavar="PATH_OR_URL", help="feature store: a path or an fsspec URL (s3://bucket/store.zarr)")
     p.add_argument("--manifest", type=Path, required=True, help="manifest folder the store was made from")
     p.add_argument("--video", required=True, help="the video id to show (as in videos.jsonl)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")

@@ -124,8 +124,8 @@ def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(jsonl_line(r) for r in records))
 
 
-def load_manifest(path: str | os.PathLike[str], video_root: str | os.PathLike[str] | None = None) -> Manifest:
-    """Load a manifest directory. `video_root` overrides the recorded root (a moved corpus)."""
+def read_manifest_meta(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """(the manifest's folder, its manifest.json), checked; the rows are not read."""
     mdir = Path(path).expanduser().resolve()
     meta_path = mdir / "manifest.json"
     if not meta_path.is_file():
@@ -133,6 +133,24 @@ def load_manifest(path: str | os.PathLike[str], video_root: str | os.PathLike[st
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{meta_path}: format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return mdir, meta
+
+
+def iter_shards(manifest_dir: Path, shard_size: int) -> Iterator[tuple[int, list[VideoEntry]]]:
+    """(shard, its rows) in order, read lazily from videos.jsonl: one shard in memory at a time."""
+    rows: list[VideoEntry] = []
+    for rec in read_jsonl(Path(manifest_dir) / "videos.jsonl"):
+        rows.append(VideoEntry(**rec))
+        if len(rows) == shard_size:
+            yield rows[0].shard, rows
+            rows = []
+    if rows:
+        yield rows[0].shard, rows
+
+
+def load_manifest(path: str | os.PathLike[str], video_root: str | os.PathLike[str] | None = None) -> Manifest:
+    """Load a manifest directory. `video_root` overrides the recorded root (a moved corpus)."""
+    mdir, meta = read_manifest_meta(path)
     videos = [VideoEntry(**rec) for rec in read_jsonl(mdir / "videos.jsonl")]
     root = Path(video_root).expanduser().resolve() if video_root else Path(meta["video_root"])
     return Manifest(

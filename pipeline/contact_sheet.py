@@ -21,10 +21,10 @@ from manifests.manifest import load_manifest
 from pipeline.decode import DecodeSpec, decode_image, decode_video
 from pipeline.errors import DecodeError, ExtractError
 from pipeline.inspect import open_store
-from pipeline.store import FAILED, OK, read_commit
+from pipeline.store import read_commit
+from pipeline.store_format import FAILED, OK, STATUS_NAMES
 
 HEADER, LABEL, GAP, COLUMNS = 36, 16, 4, 4
-STATUS_NAMES = {0: "pending", OK: "ok", FAILED: "failed"}
 
 
 def tile_origin(i: int, size: int) -> tuple[int, int]:
@@ -32,9 +32,9 @@ def tile_origin(i: int, size: int) -> tuple[int, int]:
     return GAP + (i % COLUMNS) * (size + GAP), HEADER + (i // COLUMNS) * (size + LABEL + GAP)
 
 
-def show(store: Path, manifest_dir: Path, video_id: str, out: Path) -> Path:
+def show(store: str | Path, manifest_dir: Path, video_id: str, out: Path) -> Path:
     """Write the contact sheet of `video_id` to `out` (PNG) and return its path."""
-    g = open_store(store)
+    location, g = open_store(store)
     attrs = dict(g.attrs)
     manifest = load_manifest(manifest_dir)
     entry = next((e for e in manifest.videos if e.video_id == video_id), None)
@@ -48,7 +48,7 @@ def show(store: Path, manifest_dir: Path, video_id: str, out: Path) -> Path:
     frames = np.zeros((0,))
     reason = ""
     if state == FAILED:
-        commit = read_commit(Path(store), entry.shard) or {"failures": []}
+        commit = read_commit(location, entry.shard) or {"failures": []}
         reason = next((f["reason"] for f in commit["failures"] if f["row"] == entry.row), "unknown reason")
     elif state == OK:
         enc = attrs["encoder"]

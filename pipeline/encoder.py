@@ -16,22 +16,26 @@ a rerun and every actor on a cluster can prove they use the same weights.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from pipeline.errors import ExtractError
 from pipeline.preprocess import RESIZE_MODES, normalize
+from pipeline.store_format import encoder_fingerprint
+
+if TYPE_CHECKING:  # torch is imported when a tower is loaded: the job's driver never needs it
+    import torch
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "encoder_configs"  # demo-tiny and friends
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16")
 RANDOM_WEIGHTS = "none"
 RANDOM_SEED = 0  # `--pretrained none` weights are a function of this seed
 
@@ -53,7 +57,9 @@ class Encoder:
                  device: torch.device) -> None:
         self.spec = spec
         self.device = device
-        self.dtype = PRECISIONS[spec.precision]
+        import torch
+
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.precision]
         self.visual = visual.to(device=device, dtype=self.dtype).eval()
         self.mean = tuple(float(m) for m in preprocess["mean"])
         self.std = tuple(float(s) for s in preprocess["std"])
@@ -85,31 +91,32 @@ class Encoder:
     def fingerprint(self) -> str:
         return encoder_fingerprint(self.attrs)
 
-    @torch.inference_mode()
     def encode(self, frames: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """(N, S, S, 3) uint8 -> (N, T, D) float16, in batches of `batch_size` frames."""
-        out = []
-        for start in range(0, len(frames), batch_size):
-            chunk = torch.from_numpy(frames[start : start + batch_size]).to(self.device, non_blocking=True)
-            x = normalize(chunk, self.mean, self.std, self.dtype)  # (n, 3, S, S)
-            feats = self.visual.forward_intermediates(
-                x,
-                indices=[self.block],
-                stop_early=True,
-                normalize_intermediates=True,  # the tower's final LayerNorm
-                intermediates_only=True,
-                output_fmt="NLC",
-                output_extra_tokens=True,
-            )
-            tokens = torch.cat([feats["image_intermediates_prefix"][0], feats["image_intermediates"][0]], dim=1)
-            out.append(tokens.to(torch.float16).cpu().numpy())  # (n, T, D)
-        return np.concatenate(out) if out else np.zeros((0, self.attrs["tokens_per_frame"], self.attrs["width"]),
-                                                         dtype=np.float16)
+        import torch
 
+        if not len(frames):
+            return np.zeros((0, self.attrs["tokens_per_frame"], self.attrs["width"]), dtype=np.float16)
+        with torch.inference_mode():
+            return np.concatenate([self._forward(torch.from_numpy(frames[start : start + batch_size]))
+                                   for start in range(0, len(frames), batch_size)])
 
-def encoder_fingerprint(attrs: dict[str, Any]) -> str:
-    """A short id of everything that determines the tokens (spec, weights, preprocessing)."""
-    return hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:16]
+    def _forward(self, chunk: torch.Tensor) -> np.ndarray:
+        """(n, S, S, 3) uint8 on the host -> (n, T, D) float16 tokens."""
+        import torch
+
+        x = normalize(chunk.to(self.device, non_blocking=True), self.mean, self.std, self.dtype)  # (n, 3, S, S)
+        feats = self.visual.forward_intermediates(
+            x,
+            indices=[self.block],
+            stop_early=True,
+            normalize_intermediates=True,  # the tower's final LayerNorm
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        tokens = torch.cat([feats["image_intermediates_prefix"][0], feats["image_intermediates"][0]], dim=1)
+        return tokens.to(torch.float16).cpu().numpy()
 
 
 def register_configs() -> None:
@@ -122,6 +129,8 @@ def register_configs() -> None:
 
 def weights_sha256(module: torch.nn.Module) -> str:
     """sha256 over the tower's parameters and buffers (names, shapes, float32 bytes)."""
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -133,6 +142,7 @@ def weights_sha256(module: torch.nn.Module) -> str:
 def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> Encoder:
     """Build the tower named by `spec` on `device`; one-line `ExtractError` for user mistakes."""
     import open_clip
+    import torch
 
     register_configs()
     if spec.precision not in PRECISIONS:

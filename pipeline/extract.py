@@ -1,33 +1,36 @@
 """`extract`: a manifest in, a feature store out (DESIGN §3.2-3.3), resumable.
 
-The store is opened (created, or grown when the manifest grew), the shards that are not done
-are listed, and only those are extracted, on the local machine or a Ray cluster
-(`pipeline.distributed`). Each complete shard is written whole, then committed; a killed job
-loses at most the shards in flight, and a rerun redoes exactly those.
+The driver reads the manifest shard by shard, lists the shards that are not done (by the done
+rule of `pipeline.store_format`), and hands exactly those to `pipeline.distributed`, whose
+worker-side tasks write and commit each shard themselves. A killed job loses at most the shards
+in flight; a rerun redoes exactly those. When nothing is pending the job ends before starting
+Ray or loading the encoder (a rerun costs the reading of the commit records).
 
 Defaults decided here: the precision is fp16 when the cluster has GPUs and fp32 otherwise, or
-the store's own precision when extending an existing store; the encoder is loaded once in the
-driver to fingerprint its weights before any worker starts.
+the store's own precision when extending an existing store. A new store gets its encoder
+attributes from a tower loaded in the driver (while Ray starts); an existing store's are taken
+from the store, and every encoder actor proves it loaded the same weights (fingerprint).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
-from manifests.manifest import IMAGE_EXTENSIONS, load_manifest
-from pipeline import distributed
+from manifests.manifest import IMAGE_EXTENSIONS, VideoEntry, iter_shards, read_manifest_meta
 from pipeline.decode import DecodeSpec, decode_file
 from pipeline.encoder import EncoderSpec, load_encoder
 from pipeline.errors import DecodeError, ExtractError
 from pipeline.sampling import SAMPLING_POLICIES
-from pipeline.inspect import open_store
-from pipeline.store import FAILED, ShardResult, open_or_create, pending_shards, store_attrs, write_shard
+from pipeline.storage import StoreLocation
+from pipeline.store import check_compatible, open_group, open_or_create, read_attrs, read_commit
+from pipeline.store_format import FAILED, is_done, rows_sha256, store_attrs
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class ExtractConfig:
     """What `run_extract.py extract` runs; see its --help for every field."""
 
     manifest: Path
-    store: Path
+    store: str | Path
     encoder: str = "ViT-B-16"
     pretrained: str = "openai"
     frames: int = 8
@@ -46,6 +49,7 @@ class ExtractConfig:
     batch_size: int = 256
     ray_address: str | None = None
     decoders: int | None = None
+    encoder_threads: int | None = None
     precision: str | None = None  # None: the store's, else fp16 on GPU clusters, fp32 on CPU
     decode_timeout_s: float = 120.0
     shards: list[int] | None = None  # None: every pending shard; else exactly these (rebuild)
@@ -53,18 +57,20 @@ class ExtractConfig:
 
 @dataclass
 class ExtractSummary:
-    store: Path
+    store: str
     shards_total: int
     shards_done_before: int
     shards_written: int
     ok: int
     failed: int
+    left_pending: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        if not self.shards_written:
+        if not self.shards_written and not self.left_pending:
             return f"{self.store}: all {self.shards_total} shards already done; nothing to extract"
-        return (f"{self.store}: wrote {self.shards_written} shards ({self.ok} videos ok, {self.failed} failed); "
+        text = (f"{self.store}: wrote {self.shards_written} shards ({self.ok} videos ok, {self.failed} failed); "
                 f"{self.shards_done_before + self.shards_written}/{self.shards_total} shards done")
+        return "\n".join([text, *self.left_pending])
 
 
 def _validate(cfg: ExtractConfig) -> None:
@@ -78,53 +84,101 @@ def _validate(cfg: ExtractConfig) -> None:
         raise ExtractError(f"--decode-timeout must be positive, got {cfg.decode_timeout_s}")
 
 
-def _store_precision(store: Path) -> str | None:
-    if (Path(store) / "zarr.json").is_file():
-        return zarr.open_group(store, mode="r").attrs["encoder"]["precision"]
-    return None
+def _asks_for_store(cfg: ExtractConfig, have: dict[str, Any]) -> bool:
+    """Does the request name the encoder the existing store was made with? (If so its recorded
+    attributes stand for the request until an actor loads the weights and proves it.)"""
+    enc = have["encoder"]
+    return (enc["model"], enc["pretrained"], enc["layer"]) == (cfg.encoder, cfg.pretrained, cfg.layer) \
+        and cfg.precision in (None, enc["precision"])
+
+
+def _shards_with_sha(manifest_dir: Path, shard_size: int) -> Iterator[tuple[int, list[VideoEntry], str]]:
+    for shard, rows in iter_shards(manifest_dir, shard_size):
+        yield shard, rows, rows_sha256(rows)
+
+
+def _pending(location: StoreLocation, attrs: dict[str, Any], manifest_dir: Path, shard_size: int) -> list[int]:
+    return [s for s, _, sha in _shards_with_sha(manifest_dir, shard_size)
+            if not is_done(read_commit(location, s), attrs, sha)]
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
     """Extract every pending shard of `cfg.manifest` into `cfg.store` (see the module docstring)."""
     _validate(cfg)
-    manifest = load_manifest(cfg.manifest)
-    store = Path(cfg.store).expanduser().resolve()
-    with distributed.cluster(cfg.ray_address, temp_dir=None) as res:
-        precision = cfg.precision or _store_precision(store) or ("fp16" if res.gpus else "fp32")
-        spec = EncoderSpec(cfg.encoder, cfg.pretrained, cfg.layer, precision)
-        encoder = load_encoder(spec, "cpu")  # fingerprint only; the actors load their own
-        attrs = store_attrs(encoder.attrs, encoder.fingerprint, cfg.frames, cfg.sampling, manifest)
-        group = open_or_create(store, attrs)
-        pending = pending_shards(store, attrs, manifest)
+    manifest_dir, meta = read_manifest_meta(cfg.manifest)
+    location = StoreLocation(cfg.store)
+    shard_size, n_rows = int(meta["shard_size"]), int(meta["counts"]["videos"])
+    n_shards = -(-n_rows // shard_size)
+    if cfg.shards is not None and cfg.shards and (min(cfg.shards) < 0 or max(cfg.shards) >= n_shards):
+        raise ExtractError(f"shards {sorted(cfg.shards)} are not all in 0..{n_shards - 1}")
+    have = read_attrs(location)
+    attrs = None
+    if have is not None and _asks_for_store(cfg, have):
+        attrs = store_attrs(have["encoder"], cfg.frames, cfg.sampling, meta["manifest_id"], meta["fingerprint"],
+                            shard_size, n_rows)
+        pending = _pending(location, attrs, manifest_dir, shard_size)
         todo = pending if cfg.shards is None else sorted(set(cfg.shards))
-        if todo and (todo[0] < 0 or todo[-1] >= manifest.n_shards):
-            raise ExtractError(f"shards {todo} are not all in 0..{manifest.n_shards - 1}")
-        done_before = manifest.n_shards - len(set(pending) | set(todo))
-        summary = ExtractSummary(store, manifest.n_shards, done_before, 0, 0, 0)
+        if not todo:
+            check_compatible(have, attrs, location)
+            return ExtractSummary(str(location), n_shards, n_shards, 0, 0, 0)
+
+    from pipeline import distributed  # Ray is started only when there is work
+
+    loaded: dict[str, Any] = {}
+    loader = None
+    if attrs is None:  # a new store: load the tower (to learn what the store records) while Ray starts
+        loader = threading.Thread(target=_load_attrs, args=(cfg, loaded), daemon=True)
+        loader.start()
+    with distributed.cluster(cfg.ray_address) as res:
+        if loader is not None:
+            loader.join()
+            if "error" in loaded:
+                raise loaded["error"]
+            precision = cfg.precision or ("fp16" if res.gpus else "fp32")
+            attrs = store_attrs({**loaded["attrs"], "precision": precision}, cfg.frames, cfg.sampling,
+                                meta["manifest_id"], meta["fingerprint"], shard_size, n_rows)
+        open_or_create(location, attrs)
+        pending = _pending(location, attrs, manifest_dir, shard_size)
+        todo = set(pending if cfg.shards is None else cfg.shards)
+        summary = ExtractSummary(str(location), n_shards, n_shards - len(set(pending) | todo), 0, 0, 0)
         if not todo:
             return summary
-        decode = DecodeSpec(cfg.frames, cfg.sampling, encoder.image_size, encoder.attrs["resize_mode"])
-        del encoder
+        enc = attrs["encoder"]
+        spec = EncoderSpec(cfg.encoder, cfg.pretrained, cfg.layer, enc["precision"])
+        encoders = distributed.start_encoders(spec, attrs["encoder_fingerprint"], res, cfg.batch_size,
+                                              cfg.encoder_threads)
+        job = {
+            "store": location.url,
+            "attrs": attrs,
+            "video_root": str(meta["video_root"]),
+            "decode": DecodeSpec(cfg.frames, cfg.sampling, enc["image_size"], enc["resize_mode"]),
+            "batch_size": cfg.batch_size,
+            "timeout_s": cfg.decode_timeout_s,
+            "redo": cfg.shards is not None,
+            "shard_size": shard_size,
+        }
+        shards = ((s, rows, sha) for s, rows, sha in _shards_with_sha(manifest_dir, shard_size) if s in todo)
+        n_videos = sum(min(shard_size, n_rows - s * shard_size) for s in todo)
 
-        def write(result: ShardResult) -> None:
-            write_shard(group, store, result, manifest)
-            summary.shards_written += 1
+        def committed_elsewhere(shard: int, sha: str) -> bool:
+            return is_done(read_commit(location, shard), attrs, sha)
 
-        plan = distributed.Plan(
-            video_root=manifest.video_root,
-            shards=[(s, manifest.shard_rows(s)) for s in todo],
-            decode=decode,
-            encoder=spec,
-            encoder_fingerprint=attrs["encoder_fingerprint"],
-            tokens_per_frame=attrs["tokens_per_frame"],
-            width=attrs["width"],
-            batch_size=cfg.batch_size,
-            decoders=cfg.decoders,
-            timeout_s=cfg.decode_timeout_s,
-        )
-        counts = distributed.run(plan, res, write)
-    summary.ok, summary.failed = counts["ok"], counts["failed"]
+        totals = distributed.run(job, shards, n_videos, encoders, distributed.decode_slots(res, cfg.decoders),
+                                 committed_elsewhere)
+    summary.shards_written, summary.ok, summary.failed = totals.shards, totals.ok, totals.failed
+    summary.left_pending = totals.left
+    for line in totals.left:
+        log.error(line)
     return summary
+
+
+def _load_attrs(cfg: ExtractConfig, out: dict[str, Any]) -> None:
+    """The encoder attributes a new store records: the tower loaded on the CPU, then dropped
+    (its precision only names the precision, which the caller fills in)."""
+    try:
+        out["attrs"] = load_encoder(EncoderSpec(cfg.encoder, cfg.pretrained, cfg.layer, "fp32"), "cpu").attrs
+    except Exception as err:  # noqa: BLE001 - re-raised in the caller's thread
+        out["error"] = err
 
 
 @dataclass
@@ -133,13 +187,14 @@ class RebuildConfig:
     or the shards holding the named videos. The store's own encoder settings are reused."""
 
     manifest: Path
-    store: Path
+    store: str | Path
     shards: list[int] | None = None
     failed: bool = False
     videos: list[str] | None = None
     batch_size: int = 256
     ray_address: str | None = None
     decoders: int | None = None
+    encoder_threads: int | None = None
     decode_timeout_s: float = 120.0
 
 
@@ -147,15 +202,21 @@ def rebuild(cfg: RebuildConfig) -> ExtractSummary:
     """Re-extract exactly the chosen shards in place; every other shard's files stay untouched."""
     if sum([cfg.shards is not None, cfg.failed, cfg.videos is not None]) != 1:
         raise ExtractError("rebuild needs exactly one of --shards, --failed, --videos")
-    group = open_store(cfg.store)
-    attrs = dict(group.attrs)
+    location = StoreLocation(cfg.store)
+    attrs = read_attrs(location)
+    if attrs is None:
+        raise ExtractError(f"{location} is not a feature store (no zarr.json)")
     shard_size = attrs["shard_size"]
     if cfg.shards is not None:
         shards = sorted(set(cfg.shards))
     elif cfg.failed:
-        shards = sorted({int(row) // shard_size for row in np.flatnonzero(group["status"][:] == FAILED)})
+        status = open_group(location)["status"][:]
+        shards = sorted({int(row) // shard_size for row in np.flatnonzero(status == FAILED)})
     else:
-        rows = {e.video_id: e.row for e in load_manifest(cfg.manifest).videos}
+        manifest_dir, meta = read_manifest_meta(cfg.manifest)
+        wanted = set(cfg.videos)
+        rows = {e.video_id: e.row for _, entries in iter_shards(manifest_dir, int(meta["shard_size"]))
+                for e in entries if e.video_id in wanted}
         unknown = [v for v in cfg.videos if v not in rows]
         if unknown:
             raise ExtractError(f"not in the manifest: {', '.join(unknown)}")
@@ -166,7 +227,8 @@ def rebuild(cfg: RebuildConfig) -> ExtractSummary:
     return extract(ExtractConfig(
         manifest=cfg.manifest, store=cfg.store, encoder=enc["model"], pretrained=enc["pretrained"],
         frames=attrs["frames"], sampling=attrs["sampling"], layer=enc["layer"], batch_size=cfg.batch_size,
-        ray_address=cfg.ray_address, decoders=cfg.decoders, precision=enc["precision"],
+        ray_address=cfg.ray_address, decoders=cfg.decoders, encoder_threads=cfg.encoder_threads,
+        precision=enc["precision"],
         decode_timeout_s=cfg.decode_timeout_s, shards=shards,
     ))
 

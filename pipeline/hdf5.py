@@ -20,19 +20,20 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from manifests.manifest import load_manifest
+from manifests.manifest import iter_shards, read_manifest_meta
 from pipeline.errors import ExtractError
 from pipeline.inspect import open_store
-from pipeline.store import ARRAYS, commit_path, open_or_create, read_commit
+from pipeline.storage import StoreLocation
+from pipeline.store import open_or_create, read_commit
+from pipeline.store_format import ARRAYS, commit_name, n_shards
 
 SPLITS = ("train", "val")
 
 
-def export_hdf5(store: Path, out: Path, split: str | None = None, manifest_dir: Path | None = None) -> int:
+def export_hdf5(store: str | Path, out: Path, split: str | None = None, manifest_dir: Path | None = None) -> int:
     """Write `store` (all rows, or one split's rows, which needs the manifest) to `out`;
     returns the number of rows written. The file appears only when complete."""
-    store = Path(store).expanduser().resolve()
-    g = open_store(store)
+    location, g = open_store(store)
     attrs = dict(g.attrs)
     n = attrs["n_rows"]
     if split is None:
@@ -42,11 +43,12 @@ def export_hdf5(store: Path, out: Path, split: str | None = None, manifest_dir: 
             raise ExtractError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
         if manifest_dir is None:
             raise ExtractError("--split needs --manifest (the split of each video is in the manifest)")
-        manifest = load_manifest(manifest_dir)
-        if manifest.manifest_id != attrs["manifest_id"]:
-            raise ExtractError(f"{store} was not made from the manifest {manifest_dir}")
-        rows = np.array([e.row for e in manifest.videos if e.split == split], dtype=np.int64)
-    commits = [c for s in range(-(-n // attrs["shard_size"])) if (c := read_commit(store, s)) is not None]
+        mdir, meta = read_manifest_meta(manifest_dir)
+        if meta["manifest_id"] != attrs["manifest_id"]:
+            raise ExtractError(f"{location} was not made from the manifest {manifest_dir}")
+        rows = np.array([e.row for _, entries in iter_shards(mdir, int(meta["shard_size"])) for e in entries
+                         if e.split == split and e.row < n], dtype=np.int64)
+    commits = [c for s in range(n_shards(attrs)) if (c := read_commit(location, s)) is not None]
     out = Path(out).expanduser().resolve()
     tmp = out.with_name(out.name + ".tmp")
     with h5py.File(tmp, "w") as h5:
@@ -66,23 +68,23 @@ def export_hdf5(store: Path, out: Path, split: str | None = None, manifest_dir: 
     return len(rows)
 
 
-def import_hdf5(h5_path: Path, store: Path) -> int:
+def import_hdf5(h5_path: Path, store: str | Path) -> int:
     """Make a Zarr store at `store` from a full HDF5 export; returns the number of rows."""
     h5_path = Path(h5_path).expanduser().resolve()
     if not h5_path.is_file():
         raise ExtractError(f"no such file: {h5_path}")
-    store = Path(store).expanduser().resolve()
-    if store.exists():
-        raise ExtractError(f"{store} exists; import into a new store path")
+    location = StoreLocation(store)
+    if location.exists():
+        raise ExtractError(f"{location} exists; import into a new store path")
     with h5py.File(h5_path, "r") as h5:
         if h5.attrs.get("split", "all") != "all":
             raise ExtractError(f"{h5_path} holds only the {h5.attrs['split']} split; import needs a full export")
         attrs = {k: json.loads(v) for k, v in h5.attrs.items() if k not in ("commits", "split")}
-        g = open_or_create(store, attrs)
+        g = open_or_create(location, attrs)
         step = attrs["shard_size"]
         for name in ARRAYS:
             for start in tqdm(range(0, attrs["n_rows"], step), desc=f"import {name}", unit="shard", leave=False):
                 g[name][start : start + step] = h5[name][start : start + step]
         for commit in json.loads(h5.attrs["commits"]):
-            commit_path(store, commit["shard"]).write_text(json.dumps(commit, indent=1) + "\n", encoding="utf-8")
+            location.write(commit_name(commit["shard"]), (json.dumps(commit, indent=1) + "\n").encode())
     return attrs["n_rows"]

@@ -17,21 +17,37 @@ from typing import Any
 import numpy as np
 import zarr
 
-from manifests.manifest import load_manifest
-from pipeline.encoder import encoder_fingerprint
+from manifests.manifest import iter_shards, read_manifest_meta
 from pipeline.errors import ExtractError
-from pipeline.store import ARRAYS, FAILED, OK, PENDING, data_sha256, read_commit, rows_sha256, spec_sha256
+from pipeline.storage import StoreLocation
+from pipeline.store import open_group, read_commit
+from pipeline.store_format import (
+    ARRAYS,
+    FAILED,
+    OK,
+    PENDING,
+    data_sha256,
+    encoder_fingerprint,
+    is_done,
+    n_shards,
+    rows_sha256,
+    shard_rows,
+    spec_sha256,
+)
 
 
-def open_store(path: Path) -> zarr.Group:
-    path = Path(path).expanduser().resolve()
-    if not (path / "zarr.json").is_file():
-        raise ExtractError(f"{path} is not a feature store (no zarr.json); make one with `run_extract.py extract`")
-    return zarr.open_group(path, mode="r")
+def open_store(store: str | Path) -> tuple[StoreLocation, zarr.Group]:
+    """The store's location and its group, read-only; a one-line error when it is not a store."""
+    location = StoreLocation(store)
+    if not location.exists("zarr.json"):
+        raise ExtractError(f"{location} is not a feature store (no zarr.json); make one with `run_extract.py extract`")
+    return location, open_group(location)
 
 
-def _size_on_disk(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def _size(location: StoreLocation) -> int:
+    if location.remote:
+        return int(location.fs.du(location.root))
+    return sum(p.stat().st_size for p in Path(location.root).rglob("*") if p.is_file())
 
 
 @dataclass
@@ -69,42 +85,53 @@ class StoreStatus:
         return json.dumps(asdict(self), indent=1)
 
 
-def status(store: Path) -> StoreStatus:
-    """Rows by status, shards committed, failures grouped by reason, how the store was made."""
-    store = Path(store).expanduser().resolve()
-    g = open_store(store)
+def status(store: str | Path, manifest_dir: Path | None = None) -> StoreStatus:
+    """Rows by status, shards done, failures grouped by reason, how the store was made. Rows
+    count as ok or failed only in done shards (the done rule of `pipeline.store_format`; with a
+    manifest, its rows are checked too), so `status` agrees with `extract` and `verify`."""
+    location, g = open_store(store)
     attrs = dict(g.attrs)
     st = g["status"][:]
-    shard_size, n = attrs["shard_size"], attrs["n_rows"]
-    n_shards = -(-n // shard_size)
+    shas = _manifest_shas(manifest_dir, attrs)
     failures: dict[str, list[str]] = defaultdict(list)
-    done = 0
-    for shard in range(n_shards):
-        commit = read_commit(store, shard)
-        if commit is None or commit.get("encoder_fingerprint") != attrs["encoder_fingerprint"]:
+    done = ok = failed = 0
+    for shard in range(n_shards(attrs)):
+        commit = read_commit(location, shard)
+        if not is_done(commit, attrs, shas.get(shard) if shas is not None else None):
             continue
         done += 1
+        start, stop = shard_rows(attrs, shard)
+        ok += int((st[start:stop] == OK).sum())
+        failed += int((st[start:stop] == FAILED).sum())
         for failure in commit["failures"]:
             failures[failure["reason"]].append(failure["video_id"])
     return StoreStatus(
-        store=str(store), rows=n, ok=int((st == OK).sum()), failed=int((st == FAILED).sum()),
-        pending=int((st == PENDING).sum()), shards_done=done, shards_total=n_shards,
-        failures_by_reason=dict(failures), encoder=attrs["encoder"], frames=attrs["frames"],
-        sampling=attrs["sampling"], bytes_on_disk=_size_on_disk(store),
+        store=location.url, rows=attrs["n_rows"], ok=ok, failed=failed, pending=attrs["n_rows"] - ok - failed,
+        shards_done=done, shards_total=n_shards(attrs), failures_by_reason=dict(failures), encoder=attrs["encoder"],
+        frames=attrs["frames"], sampling=attrs["sampling"], bytes_on_disk=_size(location),
     )
 
 
-def verify(store: Path, manifest_dir: Path | None = None) -> list[str]:
+def _manifest_shas(manifest_dir: Path | None, attrs: dict[str, Any]) -> dict[int, str] | None:
+    """The rows sha256 of each shard of the manifest (checked to be the store's), or None."""
+    if manifest_dir is None:
+        return None
+    mdir, meta = read_manifest_meta(manifest_dir)
+    if meta["manifest_id"] != attrs["manifest_id"]:
+        raise ExtractError(f"the store was made from manifest {attrs['manifest_id']}, not {meta['manifest_id']}")
+    return {shard: rows_sha256(rows) for shard, rows in iter_shards(mdir, int(meta["shard_size"]))}
+
+
+def verify(store: str | Path, manifest_dir: Path | None = None) -> list[str]:
     """Every problem found, one line each, prefixed by the shard it is in; [] when intact."""
-    store = Path(store).expanduser().resolve()
-    g = open_store(store)
+    location, g = open_store(store)
     attrs = dict(g.attrs)
     problems: list[str] = []
     missing = [k for k in ("n_rows", "shard_size", "frames", "tokens_per_frame", "width", "encoder",
                            "encoder_fingerprint", "manifest_id") if k not in attrs]
     if missing:
         return [f"store: attributes missing: {', '.join(missing)}"]
-    n, S, F = attrs["n_rows"], attrs["shard_size"], attrs["frames"]
+    n, F = attrs["n_rows"], attrs["frames"]
     T, D = attrs["tokens_per_frame"], attrs["width"]
     expected = {"tokens": ((n, F, T, D), "float16"), "frame_index": ((n, F), "int32"), "n_frames": ((n,), "int32"),
                 "status": ((n,), "uint8")}
@@ -121,26 +148,27 @@ def verify(store: Path, manifest_dir: Path | None = None) -> list[str]:
         if attrs[key] != attrs["encoder"].get(key):
             problems.append(f"store: attribute {key} disagrees with the encoder record")
     meaning = spec_sha256(attrs)
-    manifest = None
+    shas = None
     if manifest_dir is not None:
-        manifest = load_manifest(manifest_dir)
-        if manifest.manifest_id != attrs["manifest_id"]:
-            problems.append(f"store: made from manifest {attrs['manifest_id']}, not {manifest.manifest_id}")
-            manifest = None
-        elif len(manifest.videos) != n:
-            problems.append(f"store: {n} rows, the manifest {len(manifest.videos)} (extract to grow it)")
-            manifest = None
-    for shard in range(-(-n // S)):
-        start, stop = shard * S, min((shard + 1) * S, n)
+        mdir, meta = read_manifest_meta(manifest_dir)
+        if meta["manifest_id"] != attrs["manifest_id"]:
+            problems.append(f"store: made from manifest {attrs['manifest_id']}, not {meta['manifest_id']}")
+        elif meta["counts"]["videos"] != n:
+            problems.append(f"store: {n} rows, the manifest {meta['counts']['videos']} (extract to grow it)")
+        else:
+            shas = _manifest_shas(manifest_dir, attrs)
+    status_all = g["status"][:]
+    for shard in range(n_shards(attrs)):
+        start, stop = shard_rows(attrs, shard)
         where = f"shard {shard} (rows {start}-{stop - 1})"
-        commit = read_commit(store, shard)
+        commit = read_commit(location, shard)
         if commit is None:
-            if (g["status"][start:stop] != PENDING).any():
+            if (status_all[start:stop] != PENDING).any():
                 problems.append(f"{where}: no commit record, but rows are marked done")
             else:
                 problems.append(f"{where}: not extracted (no commit record)")
             continue
-        if commit.get("encoder_fingerprint") != attrs["encoder_fingerprint"]:
+        if not is_done(commit, attrs):
             problems.append(f"{where}: committed with another encoder")
         if commit.get("spec_sha256") != meaning:
             problems.append(f"{where}: the store's attributes changed since this shard was committed (edited?)")
@@ -158,6 +186,6 @@ def verify(store: Path, manifest_dir: Path | None = None) -> list[str]:
             problems.append(f"{where}: status array disagrees with the commit record")
         if not np.isfinite(tokens.astype(np.float32)).all():
             problems.append(f"{where}: non-finite token values")
-        if manifest is not None and commit.get("rows_sha256") != rows_sha256(manifest.shard_rows(shard)):
+        if shas is not None and not is_done(commit, attrs, shas.get(shard)):
             problems.append(f"{where}: committed for other manifest rows (rebuild it)")
     return problems

@@ -10,8 +10,12 @@ normalisation on the encoder's device.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where frames are normalised (the encoder), not by decoders
+    import torch
 
 RESIZE_SHORTEST = "shortest"
 RESIZE_SQUASH = "squash"
@@ -41,11 +45,13 @@ def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def normalize(
-    frames: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype = torch.float32
+    frames: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised (N, 3, H, W) in `dtype`, computed in float32 like
-    `ToTensor` + `Normalize`, then cast."""
+    `ToTensor` + `Normalize`, then cast (default float32)."""
+    import torch
+
     x = frames.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(mean_t).div_(std_t).to(dtype)
+    return x.sub_(mean_t).div_(std_t).to(dtype or torch.float32)

@@ -8,14 +8,14 @@ are two calls: `pipeline.decode.decode_file` then `pipeline.encoder.Encoder.enco
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from manifests.manifest import VideoEntry
 from pipeline.decode import DecodedVideo, DecodeSpec, decode_file
 from pipeline.errors import DecodeError
-from pipeline.store import FAILED, OK, ShardResult
+from pipeline.storage import local_copy
+from pipeline.store import ShardResult
+from pipeline.store_format import FAILED, OK
 
 
 class ShardBuffer:
@@ -53,9 +53,13 @@ class ShardBuffer:
         return ShardResult(self.shard, self.start, self.tokens, self.frame_index, self.n_frames, self.status, failures)
 
 
-def decode_entry(video_root: Path, entry: VideoEntry, spec: DecodeSpec) -> DecodedVideo | str:
-    """Decode one manifest row; a bad file gives its reason instead of raising."""
+def decode_entry(video_root: str, entry: VideoEntry, spec: DecodeSpec) -> DecodedVideo | str:
+    """Decode one manifest row (under a local folder or an fsspec URL, spooled to local disk
+    first); a bad file gives its reason instead of raising."""
     try:
-        return decode_file(video_root / entry.path, entry.kind, spec)
+        with local_copy(f"{str(video_root).rstrip('/')}/{entry.path}") as path:
+            return decode_file(path, entry.kind, spec)
+    except FileNotFoundError:
+        return "file not found"
     except DecodeError as err:
         return str(err)

@@ -14,6 +14,8 @@ import zarr
 
 from manifests.build import ManifestConfig, build_manifest
 from manifests.manifest import load_manifest
+from pipeline.storage import StoreLocation
+from pipeline.store_format import commit_name, encoder_fingerprint, make_commit, rows_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -84,15 +86,22 @@ def make_store(path: Path, manifest_dir: Path, frames: int = F, tokens: int = T,
     for row, value in (status or {}).items():
         st[row] = value
     group.create_array("status", shape=(n,), dtype="uint8")[:] = st
-    group.attrs.update({
-        "format_version": 1,
-        "encoder": encoder or {"model": encoder_model, "pretrained": "none", "weights_sha256": None, "image_size": 32,
-                               "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
-                               "resize_mode": "shortest", "precision": "fp32", "layer": -1},
+    encoder = encoder or {"model": encoder_model, "pretrained": "none", "weights_sha256": None, "image_size": 32,
+                          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                          "resize_mode": "shortest", "precision": "fp32", "layer": -1}
+    attrs = {
+        "format_version": 1, "encoder": encoder, "encoder_fingerprint": encoder_fingerprint(encoder),
         "frames": frames, "sampling": "uniform", "tokens_per_frame": tokens, "width": width,
         "token_layout": "cls+patches", "manifest_id": manifest.manifest_id,
         "manifest_fingerprint": manifest.fingerprint, "shard_size": shard, "n_rows": n,
-    })
+    }
+    group.attrs.update(attrs)
+    location = StoreLocation(path)
+    for index in range(manifest.n_shards):  # every shard committed, as an extraction would leave it
+        rows = slice(index * shard, (index + 1) * shard)
+        commit = make_commit(attrs, index, data[rows], group["frame_index"][rows], group["n_frames"][rows], st[rows],
+                             [], rows_sha256(manifest.shard_rows(index)), "test")
+        location.write(commit_name(index), json.dumps(commit).encode())
     return path
 
 

@@ -23,7 +23,9 @@ from model import STOPPED, GenerationConfig, stream_generate
 from trainer.errors import TrainerError
 from trainer.loss import autocast
 from trainer.run import LoadedRun, cpu_threads, load_run, pick_device
-from trainer.store import STATUS_NAMES, STATUS_OK, check_same_signature, open_store
+from pipeline.store_format import OK as STATUS_OK
+from pipeline.store_format import STATUS_NAMES
+from trainer.store import check_same_signature, open_store
 
 log = logging.getLogger(__name__)
 

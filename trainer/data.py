@@ -36,7 +36,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.errors import TrainerError
-from trainer.store import STATUS_NAMES, STATUS_OK, StoreInfo
+from pipeline.store_format import OK as STATUS_OK
+from pipeline.store_format import STATUS_NAMES
+from trainer.store import StoreInfo
 from trainer.tokenization import IGNORE, ChatTokenizer
 
 log = logging.getLogger(__name__)

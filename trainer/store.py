@@ -15,25 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
+from pipeline.storage import StoreLocation
+from pipeline.store import open_group, read_commit
+from pipeline.store_format import FORMAT_VERSION, PENDING, SIGNATURE_KEYS, is_done, n_shards, shard_rows
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-STATUS_OK = 1
-STATUS_NAMES = {0: "pending", 1: "ok", 2: "failed"}
-SIGNATURE_KEYS = ("encoder", "frames", "sampling", "token_layout", "tokens_per_frame", "width")
 
 
 @dataclass
 class StoreInfo:
     """What the trainer needs from a store: its path, attributes and row status."""
 
-    path: Path
+    path: str  # a local path or an fsspec URL
     attrs: dict[str, Any]
-    status: np.ndarray  # (N,) uint8
+    status: np.ndarray  # (N,) uint8; rows of shards that are not done read as pending
     shape: tuple[int, int, int, int]  # tokens: (N, F, T, D)
 
     @property
@@ -62,31 +60,36 @@ def store_signature(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_store(path: str | Path) -> StoreInfo:
-    """Open and check a feature store; a one-line `TrainerError` for anything that is not one."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise TrainerError(f"no such feature store: {path}")
+    """Open and check a feature store (a path or an fsspec URL); a one-line `TrainerError` for
+    anything that is not one. Only rows of done shards (the store format's done rule) are ok."""
+    location = StoreLocation(path)
+    if not location.exists():
+        raise TrainerError(f"no such feature store: {location}")
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = open_group(location)
     except Exception as err:  # zarr raises several types for "not a group"
-        raise TrainerError(f"{path} is not a Zarr feature store ({type(err).__name__})") from err
+        raise TrainerError(f"{location} is not a Zarr feature store ({type(err).__name__})") from err
     attrs = dict(group.attrs)
     if attrs.get("format_version") != FORMAT_VERSION:
-        raise TrainerError(f"{path}: store format version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise TrainerError(f"{location}: store format version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
     missing = [name for name in ("tokens", "status") if name not in group]
     if missing:
-        raise TrainerError(f"{path}: store has no {', '.join(missing)} array")
+        raise TrainerError(f"{location}: store has no {', '.join(missing)} array")
     tokens = group["tokens"]
     if tokens.ndim != 4 or tokens.dtype != np.float16:
-        raise TrainerError(f"{path}: tokens must be a (N, F, T, D) float16 array, found {tokens.shape} {tokens.dtype}")
+        raise TrainerError(f"{location}: tokens must be a (N, F, T, D) float16 array, found {tokens.shape} {tokens.dtype}")
     shape = tuple(int(s) for s in tokens.shape)
     expected = (attrs.get("frames"), attrs.get("tokens_per_frame"), attrs.get("width"))
     if shape[1:] != expected:
-        raise TrainerError(f"{path}: tokens have shape {shape} but the attributes say (F, T, D) = {expected}")
+        raise TrainerError(f"{location}: tokens have shape {shape} but the attributes say (F, T, D) = {expected}")
     status = np.asarray(group["status"][:], dtype=np.uint8)
     if status.shape != (shape[0],):
-        raise TrainerError(f"{path}: status has shape {status.shape}, tokens {shape[0]} rows")
-    return StoreInfo(path=path, attrs=attrs, status=status, shape=shape)  # type: ignore[arg-type]
+        raise TrainerError(f"{location}: status has shape {status.shape}, tokens {shape[0]} rows")
+    for shard in range(n_shards(attrs)):
+        if not is_done(read_commit(location, shard), attrs):
+            start, stop = shard_rows(attrs, shard)
+            status[start:stop] = PENDING
+    return StoreInfo(path=location.url, attrs=attrs, status=status, shape=shape)  # type: ignore[arg-type]
 
 
 def check_store_matches_manifest(store: StoreInfo, manifest: Any) -> None:
