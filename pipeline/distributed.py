@@ -308,6 +308,13 @@ def decode_slots(res: Resources, decoders: int | None) -> int:
     return decoders or max(1, res.cpus - res.gpus)
 
 
+def _reason(err: BaseException) -> str:
+    """One line for a failed shard task: the innermost cause's type and first sentence."""
+    cause = getattr(err, "cause", None) or err
+    text = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {text[:200]}"
+
+
 def run(job_template: dict[str, Any], shards: Iterable[tuple[int, list[VideoEntry], str]], n_videos: int,
         encoders: list[Any], slots: int, committed_elsewhere: Callable[[int, str], bool]) -> RunTotals:
     """Extract `shards` ((shard, rows, rows sha256), read lazily, in order), keeping enough shard
@@ -350,7 +357,7 @@ def run(job_template: dict[str, Any], shards: Iterable[tuple[int, list[VideoEntr
             try:
                 outcome: ShardOutcome = ray.get(ref)
             except ray.exceptions.RayError as err:
-                reason = " ".join(str(err).split())[-200:]
+                reason = _reason(err)
                 if tries < SHARD_RETRIES:
                     log.warning("shard %d failed (%s); trying it again", shard, reason)
                     later.append((time.monotonic(), shard, rows, sha, tries + 1))

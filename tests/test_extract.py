@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -259,6 +260,71 @@ def test_hung_decoder_is_killed_and_recorded(tmp_path, ray_cluster):
     commit = json.loads((tmp_path / "s.zarr" / "commits" / "shard-000000.json").read_text())
     assert commit["failures"][0]["video_id"] == "hangs"
     assert "timed out" in commit["failures"][0]["reason"]
+
+
+def test_a_healthy_video_queued_behind_hung_decoders_is_not_killed(tmp_path, ray_cluster):
+    """Two hung decodes hold both CPUs of the test cluster for the whole deadline; the healthy
+    video queued behind them starts only when they are killed, and its deadline starts then."""
+    root = tmp_path / "videos"
+    root.mkdir()
+    _write_video(root / "fine.mp4", 10)
+    for name in ("hang_a", "hang_b"):
+        (root / f"{name}.mp4").write_bytes(b"placeholder")
+    instructions = tmp_path / "i.json"
+    instructions.write_text(json.dumps([{"q": "q?", "a": "a.", "video_id": v} for v in ("hang_a", "hang_b", "fine")]))
+    build_manifest(ManifestConfig(instructions, root, tmp_path / "m"))
+    for name in ("hang_a", "hang_b"):
+        (root / f"{name}.mp4").unlink()
+        os.mkfifo(root / f"{name}.mp4")
+    cfg = ExtractConfig(manifest=tmp_path / "m", store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
+                        frames=F, decoders=3, decode_timeout_s=4)
+    summary = extract(cfg)
+    commit = json.loads((tmp_path / "s.zarr" / "commits" / "shard-000000.json").read_text())
+    assert {f["video_id"] for f in commit["failures"]} == {"hang_a", "hang_b"}
+    assert (summary.ok, summary.failed) == (1, 2)
+
+
+def test_a_killed_encoder_actor_is_replaced_and_the_job_completes(store_all, corpus, ray_cluster, tmp_path):
+    """SIGKILL the encoder actor's process once the first shard is committed: Ray restarts it,
+    the lost requests are retried, and the store equals an undisturbed run's."""
+    reference, _ = store_all
+    store = tmp_path / "victim.zarr"
+    result: dict = {}
+    cfg = ExtractConfig(manifest=corpus[1]["all"], store=store, encoder="demo-tiny", pretrained="none", frames=F,
+                        batch_size=6, decoders=1, decode_timeout_s=30)
+    job = threading.Thread(target=lambda: result.update(summary=extract(cfg)))
+    job.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while job.is_alive() and killed is None and time.monotonic() < deadline:
+        if list((store / "commits").glob("*.json")) if store.exists() else []:
+            killed = _kill_process_titled("ray::EncodeActor", ray_cluster)
+        time.sleep(0.05)
+    job.join()
+    assert killed, "the kill did not land mid-job"
+    summary = result["summary"]
+    assert not summary.left_pending and summary.shards_written == load_manifest(corpus[1]["all"]).n_shards
+    a, b = zarr.open_group(reference, mode="r"), zarr.open_group(store, mode="r")
+    for name in ("tokens", "frame_index", "n_frames", "status"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def _kill_process_titled(prefix: str, gcs_address: str) -> int | None:
+    """SIGKILL the first process whose title (Ray sets it to ray::Class) starts with `prefix`
+    and whose parent is the raylet of the cluster at `gcs_address` (not another cluster's)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if title.startswith(prefix) and gcs_address in parent_cmdline:
+            os.kill(int(proc.name), signal.SIGKILL)
+            return int(proc.name)
+    return None
 
 
 def test_kill_9_then_rerun_gives_identical_tokens(store_all, corpus, ray_cluster, tmp_path):
