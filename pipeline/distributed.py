@@ -112,11 +112,11 @@ def cluster(address: str | None) -> Iterator[Resources]:
     started = not ray.is_initialized()
     if started:
         try:
+            quiet = {"logging_level": logging.ERROR, "log_to_driver": False}  # outcomes are data, not log lines
             if address:
-                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+                ray.init(address=address, **quiet)
             else:
-                ray.init(include_dashboard=False, num_cpus=len(os.sched_getaffinity(0)),
-                         logging_level=logging.WARNING, log_to_driver=True)
+                ray.init(include_dashboard=False, num_cpus=len(os.sched_getaffinity(0)), **quiet)
         except ConnectionError as err:
             raise ExtractError(f"cannot reach the Ray cluster at {address!r}: {err}") from err
     try:

@@ -98,6 +98,27 @@ def test_verify_passes_a_good_store_and_names_the_broken_shard(made, tmp_path):
     assert len(problems) == 3 and all("attributes changed" in p for p in problems), problems
 
 
+def test_extract_status_verify_and_the_trainer_agree_on_what_is_done(made, tmp_path):
+    """A shard whose commit record is gone (as in the middle of a rebuild) is pending for all four,
+    although its arrays still hold rows marked ok."""
+    from pipeline.extract import _pending
+    from pipeline.storage import StoreLocation
+    from pipeline.store import read_attrs
+    from trainer.store import open_store
+
+    root, store = made
+    store = _copy(store, tmp_path)
+    (store / "commits" / "shard-000001.json").unlink()
+    assert (zarr.open_group(store, mode="r")["status"][2:4] == 1).all()
+    s = status(store, root / "manifest")
+    assert (s.shards_done, s.ok, s.failed, s.pending) == (2, 3, 1, 2)
+    assert any(line.startswith("shard 1 ") for line in verify(store, root / "manifest"))
+    location = StoreLocation(store)
+    assert _pending(location, read_attrs(location), root / "manifest", 2) == [1]
+    stored = zarr.open_group(store, mode="r")["status"][:]
+    assert open_store(store).status.tolist() == [*stored[:2], 0, 0, *stored[4:]]
+
+
 def test_rebuild_one_shard_touches_nothing_else(made, tmp_path):
     root, store = made
     work = _copy(store, tmp_path)
