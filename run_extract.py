@@ -135,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instructions", type=Path, required=True,
                    help="VideoInstruct-100K JSON ({q, a, video_id} records) or LLaVA/Video-ChatGPT JSON "
                         "({video, conversations}); a JSON list or JSON Lines")
-    p.add_argument("--videos", type=Path, required=True,
-                   help="video root: videos are found as ROOT/<video_id>.{mp4,mkv,webm,avi,mov} "
-                        "(images .jpg/.jpeg/.png/.webp are taken as one-frame videos)")
+    p.add_argument("--videos", required=True, metavar="PATH_OR_URL",
+                   help="video root, a folder or an fsspec URL (s3://bucket/videos): videos are found as "
+                        "ROOT/<video_id>.{mp4,mkv,webm,avi,mov} (images .jpg/.jpeg/.png/.webp are taken as "
+                        "one-frame videos)")
     p.add_argument("--out", type=Path, required=True, help="manifest folder to write or grow")
     p.add_argument("--shard-size", type=int, default=None,
                    help="videos per shard, the unit of extraction, retry and rebuild (default: 64; "

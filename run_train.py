@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (or resume) a run from cached features")
     t.add_argument("--manifest", type=Path, required=True, help="manifest folder (samples, splits)")
-    t.add_argument("--store", type=Path, required=True, help="the Zarr feature store (STORE.zarr)")
+    t.add_argument("--store", required=True, metavar="PATH_OR_URL",
+                   help="the Zarr feature store: a path (STORE.zarr) or an fsspec URL (s3://bucket/store.zarr)")
     t.add_argument("--out", type=Path, required=True, help="the run directory")
     m = t.add_argument_group("model and tokenizer")
     m.add_argument("--preset", choices=("tiny", "small", "base"), help="LM size (default small)")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="validation loss and answer accuracy of a run (JSON)")
     e.add_argument("--run", type=Path, required=True, help="run directory")
     e.add_argument("--manifest", type=Path, help="default: the run's")
-    e.add_argument("--store", type=Path, help="default: the run's")
+    e.add_argument("--store", metavar="PATH_OR_URL", help="feature store, a path or an fsspec URL (default: the run's)")
     e.add_argument("--labels", type=Path, help="labels.json: accuracy by question type")
     e.add_argument("--ablate", choices=("zero-video", "no-video"),
                    help="zero-video: features replaced by zeros; no-video: text-only prompts")
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="ask a trained run about a video (streams the answer)")
     c.add_argument("--run", type=Path, required=True, help="run directory")
     c.add_argument("--video", type=Path, help="a video file (encoded as the run's store was)")
-    c.add_argument("--store", type=Path, help="feature store holding the video (with --row)")
+    c.add_argument("--store", metavar="PATH_OR_URL",
+                   help="feature store holding the video (with --row): a path or an fsspec URL")
     c.add_argument("--row", type=int, help="a row of --store")
     c.add_argument("--question", help="one question; without it the chat is interactive")
     _add_generation(c)

@@ -4,14 +4,21 @@ Rows are stable. The first build sorts the taken videos by id; a later build int
 folder keeps every existing line of videos.jsonl and samples.jsonl byte for byte and appends
 what is new, so shards are never renumbered. The split is a function of (seed, video_id) alone
 (a hash threshold), so a video keeps its split as the corpus grows and never appears in both.
+
+The video root may be an fsspec URL (`s3://bucket/videos`): it is listed once (sizes from the
+listing) and each new video's cheap fingerprint is two ranged reads, so rows equal those of the
+same files on a local disk; growth needs the same URL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +34,18 @@ from manifests.manifest import (
     entry_record,
     jsonl_line,
     sha256_file,
+    video_root_of,
     write_text_atomic,
 )
+from pipeline.errors import StorageError
+from pipeline.storage import filesystem, is_url, storage_errors
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 64
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_SEED = 0
+REMOTE_READERS = 16  # concurrent fingerprint reads on a remote video root
 
 
 @dataclass
@@ -43,7 +54,7 @@ class ManifestConfig:
     manifest at `out`, else the default."""
 
     instructions: Path
-    videos: Path
+    videos: Path | str  # a folder or an fsspec URL
     out: Path
     shard_size: int | None = None
     val_fraction: float | None = None
@@ -87,19 +98,88 @@ def split_of(video_id: str, seed: int, val_fraction: float) -> str:
     return "val" if _unit_hash(seed, "split", video_id) < val_fraction else "train"
 
 
+def _unsafe(video_id: str) -> str:
+    """Why `video_id` may not name a file under the root (absolute, `..`), or ""."""
+    if not video_id or Path(video_id).is_absolute() or ".." in Path(video_id).parts or "\\" in video_id:
+        return f"unsafe video id {video_id!r}: absolute or escapes the video root"
+    return ""
+
+
+def _not_found(video_id: str) -> str:
+    return f"no file {video_id}.{{{','.join(e[1:] for e in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)}}} under the video root"
+
+
 def find_video(root: Path, video_id: str) -> tuple[Path | None, str]:
     """The file for `video_id` under `root`, or (None, reason). Refuses ids and files that would
     escape the root: absolute ids, `..` parts, and symlinks that point outside."""
-    parts = Path(video_id).parts
-    if not video_id or Path(video_id).is_absolute() or ".." in parts or "\\" in video_id:
-        return None, f"unsafe video id {video_id!r}: absolute or escapes the video root"
+    if reason := _unsafe(video_id):
+        return None, reason
     for ext in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
         candidate = root / f"{video_id}{ext}"
         if candidate.is_file():
             if not candidate.resolve().is_relative_to(root):
                 return None, f"{candidate.relative_to(root)} points outside the video root"
             return candidate, ""
-    return None, f"no file {video_id}.{{{','.join(e[1:] for e in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)}}} under the video root"
+    return None, _not_found(video_id)
+
+
+def find_remote_video(listing: dict[str, int], video_id: str) -> tuple[str | None, str]:
+    """`find_video` over a remote root's listing ({relative path: size}): the relative path of
+    the file for `video_id`, or (None, reason)."""
+    if reason := _unsafe(video_id):
+        return None, reason
+    for ext in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
+        if f"{video_id}{ext}" in listing:
+            return f"{video_id}{ext}", ""
+    return None, _not_found(video_id)
+
+
+class _Videos:
+    """The video root being indexed: find a video id's file, then its size and fingerprint."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = root
+        self.remote = is_url(root)
+        if not self.remote:
+            if not Path(root).is_dir():
+                raise ManifestError(f"video folder not found: {root}")
+            return
+        with _manifest_errors(str(root)):
+            self.fs, base = filesystem(str(root))
+            found = self.fs.find(base, detail=True)
+        self.base = base.rstrip("/")
+        prefix, suffixes = self.base + "/", VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+        # {relative path: size} of the video and image files (one listing, sizes included)
+        self.listing = {name[len(prefix):]: int(info["size"]) for name, info in found.items()
+                        if info.get("type", "file") == "file" and name.startswith(prefix)
+                        and name.lower().endswith(suffixes)}
+        if not self.listing:
+            raise ManifestError(f"no video or image files under {root} (is the URL right?)")
+
+    def find(self, video_id: str) -> tuple[str | None, str]:
+        """The file's path relative to the root (POSIX), or (None, reason)."""
+        if self.remote:
+            return find_remote_video(self.listing, video_id)
+        path, reason = find_video(Path(self.root), video_id)
+        return (None, reason) if path is None else (path.relative_to(self.root).as_posix(), "")
+
+    def size_and_fingerprint(self, relative: str) -> tuple[int, str]:
+        if not self.remote:
+            path = Path(self.root) / relative
+            return path.stat().st_size, cheap_fingerprint(path)
+        size = self.listing[relative]
+        with _manifest_errors(f"{self.root}/{relative}"):
+            return size, cheap_fingerprint(f"{self.base}/{relative}", fs=self.fs, size=size)
+
+
+@contextlib.contextmanager
+def _manifest_errors(where: str) -> Iterator[None]:
+    """`storage_errors`, raised as a ManifestError (the builder's one-line error)."""
+    try:
+        with storage_errors(where):
+            yield
+    except StorageError as err:
+        raise ManifestError(str(err)) from err
 
 
 def _existing(out: Path) -> tuple[dict[str, Any] | None, str, str]:
@@ -111,12 +191,18 @@ def _existing(out: Path) -> tuple[dict[str, Any] | None, str, str]:
     return meta, (out / "videos.jsonl").read_text(encoding="utf-8"), (out / "samples.jsonl").read_text(encoding="utf-8")
 
 
-def _settings(cfg: ManifestConfig, meta: dict[str, Any] | None, root: Path) -> tuple[int, float, int]:
+def _same_root(recorded: str, root: Path | str) -> bool:
+    if is_url(recorded) or is_url(root):
+        return recorded.rstrip("/") == str(root)
+    return Path(recorded) == root
+
+
+def _settings(cfg: ManifestConfig, meta: dict[str, Any] | None, root: Path | str) -> tuple[int, float, int]:
     """Shard size, val fraction and seed: given, recorded, or default; a conflict is an error."""
     chosen = {"shard_size": cfg.shard_size, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
     defaults = {"shard_size": DEFAULT_SHARD_SIZE, "val_fraction": DEFAULT_VAL_FRACTION, "seed": DEFAULT_SEED}
     if meta is not None:
-        if Path(meta["video_root"]) != root:
+        if not _same_root(meta["video_root"], root):
             raise ManifestError(f"{cfg.out} was built over {meta['video_root']}, not {root}; growth needs the same --videos")
         recorded = {"shard_size": meta["shard_size"], "val_fraction": meta["val_fraction"], "seed": meta["split_seed"]}
         for name, value in chosen.items():
@@ -133,11 +219,10 @@ def _settings(cfg: ManifestConfig, meta: dict[str, Any] | None, root: Path) -> t
 
 def build_manifest(cfg: ManifestConfig) -> ManifestSummary:
     """Build the manifest at `cfg.out`, or grow the one that is there."""
-    root = Path(cfg.videos).expanduser().resolve()
+    root = video_root_of(cfg.videos)
     out = Path(cfg.out).expanduser().resolve()
     instructions = Path(cfg.instructions).expanduser().resolve()
-    if not root.is_dir():
-        raise ManifestError(f"video folder not found: {root}")
+    videos = _Videos(root)
     if cfg.max_videos is not None and cfg.max_videos < 1:
         raise ManifestError(f"--max-videos must be at least 1, got {cfg.max_videos}")
     meta, old_videos_text, old_samples_text = _existing(out)
@@ -148,7 +233,7 @@ def build_manifest(cfg: ManifestConfig) -> ManifestSummary:
     known = {e.video_id for e in old_entries}
 
     # Look every referenced video up once; drop records whose video cannot be taken.
-    found: dict[str, tuple[Path, str]] = {}
+    found: dict[str, tuple[str, str]] = {}  # video id -> (path relative to the root, kind)
     refused: set[str] = set()
     by_video: dict[str, list[Record]] = {}
     for r in records:
@@ -156,28 +241,30 @@ def build_manifest(cfg: ManifestConfig) -> ManifestSummary:
     for vid, recs in by_video.items():
         if vid in known:
             continue
-        path, reason = find_video(root, vid)
+        path, reason = videos.find(vid)
         if path is None:
             kind = "missing_video" if reason.startswith("no file") else "unsafe_path"
             problems.append(Problem(kind, f"{reason} ({len(recs)} records dropped)", video_id=vid))
             refused.add(vid)
         else:
-            found[vid] = (path, "image" if path.suffix.lower() in IMAGE_EXTENSIONS else "video")
+            found[vid] = (path, "image" if Path(path).suffix.lower() in IMAGE_EXTENSIONS else "video")
 
     new_ids = sorted(found)
     if cfg.max_videos is not None:
         room = max(0, cfg.max_videos - len(old_entries))
         new_ids = sorted(sorted(new_ids, key=lambda v: _unit_hash(seed, "subset", v))[:room])
+    with ThreadPoolExecutor(REMOTE_READERS if videos.remote else 1) as pool:
+        stats = list(pool.map(videos.size_and_fingerprint, [found[vid][0] for vid in new_ids]))
     new_entries = []
-    for row, vid in enumerate(new_ids, start=len(old_entries)):
+    for row, (vid, (size, fingerprint)) in enumerate(zip(new_ids, stats), start=len(old_entries)):
         path, kind = found[vid]
         new_entries.append(
             VideoEntry(
                 row=row,
                 video_id=vid,
-                path=path.relative_to(root).as_posix(),
-                bytes=path.stat().st_size,
-                fingerprint=cheap_fingerprint(path),
+                path=path,
+                bytes=size,
+                fingerprint=fingerprint,
                 shard=row // shard_size,
                 split=split_of(vid, seed, val_fraction),
                 kind=kind,

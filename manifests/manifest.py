@@ -9,6 +9,10 @@
 Two identities: `manifest_id` is fixed when the manifest is first built and kept when it grows,
 so a feature store can tell "the same manifest, grown" from "another manifest"; `fingerprint`
 changes with any change of content.
+
+The video root is a local folder (recorded as an absolute path) or an fsspec URL
+(`s3://bucket/videos`, recorded as given). A row's `bytes` and `fingerprint` do not depend on
+where the file lies, so a corpus copied to object storage gives the same rows.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from pipeline.storage import is_url, normalize
 
 FORMAT_VERSION = 1
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
@@ -53,10 +59,10 @@ class Sample:
 
 @dataclass
 class Manifest:
-    """A manifest loaded from disk; `video_root` is absolute."""
+    """A manifest loaded from disk; `video_root` is an absolute path or an fsspec URL (a str)."""
 
     dir: Path
-    video_root: Path
+    video_root: Path | str
     shard_size: int
     manifest_id: str
     fingerprint: str
@@ -71,8 +77,9 @@ class Manifest:
         """The videos of one shard, in row order."""
         return self.videos[shard * self.shard_size : (shard + 1) * self.shard_size]
 
-    def abs_path(self, entry: VideoEntry) -> Path:
-        return self.video_root / entry.path
+    def abs_path(self, entry: VideoEntry) -> Path | str:
+        """Where the row's file is: a local path, or a URL under a remote root."""
+        return video_location(self.video_root, entry.path)
 
     def samples(self) -> Iterator[Sample]:
         """Stream samples.jsonl (it can hold ~100k conversations; not kept in memory)."""
@@ -88,16 +95,34 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def cheap_fingerprint(path: Path, edge: int = 1 << 16) -> str:
+def video_location(root: Path | str, relative: str) -> Path | str:
+    """The file `relative` (POSIX) under a video root: a Path under a folder, a URL under a URL."""
+    if is_url(root):
+        return f"{str(root).rstrip('/')}/{relative}"
+    return Path(root) / relative
+
+
+def cheap_fingerprint(path: str | os.PathLike[str], edge: int = 1 << 16, fs: Any = None,
+                      size: int | None = None) -> str:
     """sha256 of size + first and last 64 KiB: catches a replaced or truncated file without
-    reading 180 GB of video."""
-    size = path.stat().st_size
+    reading 180 GB of video. `path` is a local file, or with `fs` (an fsspec filesystem) a path
+    in it, read with two ranged reads (`size` from a listing saves asking for it). The same
+    bytes give the same fingerprint wherever they lie."""
+    if fs is None:
+        size = os.stat(path).st_size
+    elif size is None:
+        size = int(fs.size(path))
+    ranges = [(0, min(edge, size))] + ([(max(edge, size - edge), size)] if size > edge else [])
+    ranges = [(start, end) for start, end in ranges if end > start]
     h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(edge))
-        if size > edge:
-            f.seek(max(edge, size - edge))
-            h.update(f.read(edge))
+    if fs is None:
+        with open(path, "rb") as f:
+            for start, end in ranges:
+                f.seek(start)
+                h.update(f.read(end - start))
+    else:
+        for start, end in ranges:
+            h.update(fs.cat_file(path, start=start, end=end))  # keywords: s3fs takes version_id second
     return h.hexdigest()[:32]
 
 
@@ -149,10 +174,12 @@ def iter_shards(manifest_dir: Path, shard_size: int) -> Iterator[tuple[int, list
 
 
 def load_manifest(path: str | os.PathLike[str], video_root: str | os.PathLike[str] | None = None) -> Manifest:
-    """Load a manifest directory. `video_root` overrides the recorded root (a moved corpus)."""
+    """Load a manifest directory. `video_root` (a path or a URL) overrides the recorded root (a
+    moved corpus)."""
     mdir, meta = read_manifest_meta(path)
     videos = [VideoEntry(**rec) for rec in read_jsonl(mdir / "videos.jsonl")]
-    root = Path(video_root).expanduser().resolve() if video_root else Path(meta["video_root"])
+    recorded = meta["video_root"]
+    root = video_root_of(video_root) if video_root else recorded if is_url(recorded) else Path(recorded)
     return Manifest(
         dir=mdir,
         video_root=root,
@@ -162,6 +189,12 @@ def load_manifest(path: str | os.PathLike[str], video_root: str | os.PathLike[st
         videos=videos,
         meta=meta,
     )
+
+
+def video_root_of(location: str | os.PathLike[str]) -> Path | str:
+    """A video root as given by a user: an absolute Path, or a URL (never made a Path)."""
+    location = normalize(location)
+    return location if is_url(location) else Path(location)
 
 
 def entry_record(entry: VideoEntry) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from manifests.manifest import load_manifest
 from pipeline.decode import DecodeSpec, decode_image, decode_video
 from pipeline.errors import DecodeError, ExtractError
 from pipeline.inspect import open_store
+from pipeline.storage import local_copy
 from pipeline.store import read_commit
 from pipeline.store_format import FAILED, OK, STATUS_NAMES
 
@@ -46,6 +47,7 @@ def show(store: str | Path, manifest_dir: Path, video_id: str, out: Path) -> Pat
     indices = g["frame_index"][entry.row].tolist()
     header = f"{video_id}  row {entry.row}  shard {entry.shard}  status {STATUS_NAMES.get(state, state)}"
     frames = np.zeros((0,))
+    seconds: list[float] = []
     reason = ""
     if state == FAILED:
         commit = read_commit(location, entry.shard) or {"failures": []}
@@ -53,13 +55,14 @@ def show(store: str | Path, manifest_dir: Path, video_id: str, out: Path) -> Pat
     elif state == OK:
         enc = attrs["encoder"]
         spec = DecodeSpec(attrs["frames"], attrs["sampling"], enc["image_size"], enc["resize_mode"])
-        path = manifest.video_root / entry.path
-        try:
-            decoded = decode_image(path, spec) if entry.kind == "image" else decode_video(path, spec, indices)
-        except DecodeError as err:
-            reason = f"cannot decode the file again: {err}"
-        else:
-            frames = decoded.frames
+        with local_copy(str(manifest.abs_path(entry))) as path:
+            try:
+                decoded = decode_image(path, spec) if entry.kind == "image" else decode_video(path, spec, indices)
+            except DecodeError as err:
+                reason = f"cannot decode the file again: {err}"
+            else:
+                frames = decoded.frames
+                seconds = _timestamps(path, indices) if len(frames) and entry.kind == "video" else []
     size = attrs["encoder"]["image_size"]
     n = len(frames)
     rows = -(-n // COLUMNS) if n else 0
@@ -69,7 +72,6 @@ def show(store: str | Path, manifest_dir: Path, video_id: str, out: Path) -> Pat
     draw.text((GAP, 4), header, fill="black")
     if reason:
         draw.text((GAP, 20), f"reason: {reason}", fill=(180, 0, 0))
-    seconds = _timestamps(manifest.video_root / entry.path, indices) if n and entry.kind == "video" else []
     for i, frame in enumerate(frames):
         x, y = tile_origin(i, size)
         sheet.paste(Image.fromarray(frame), (x, y))

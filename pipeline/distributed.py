@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2
 SHARD_RETRIES = 2  # a shard whose task failed (not its videos: the task) is tried this often again
 HELD_RETRY_S = 5.0  # a shard leased by another job is looked at again after this long
+RETRY_PAUSE_S = 5.0  # a failed shard is tried again after this long (times the tries so far)
 ENCODE_RETRIES = 3
 
 
@@ -87,6 +88,7 @@ class ShardJob:
 @dataclass
 class RunTotals:
     shards: int = 0
+    shards_by_others: int = 0  # committed meanwhile by another job on the same store
     ok: int = 0
     failed: int = 0
     left: list[str] = field(default_factory=list)  # one line per shard left pending
@@ -116,7 +118,8 @@ def cluster(address: str | None) -> Iterator[Resources]:
             if address:
                 ray.init(address=address, **quiet)
             else:
-                ray.init(include_dashboard=False, num_cpus=len(os.sched_getaffinity(0)), **quiet)
+                # "local": a new cluster of this machine, never one that `ray start` left running here
+                ray.init(address="local", include_dashboard=False, num_cpus=len(os.sched_getaffinity(0)), **quiet)
         except ConnectionError as err:
             raise ExtractError(f"cannot reach the Ray cluster at {address!r}: {err}") from err
     try:
@@ -358,21 +361,19 @@ def run(job_template: dict[str, Any], shards: Iterable[tuple[int, list[VideoEntr
                 outcome: ShardOutcome = ray.get(ref)
             except ray.exceptions.RayError as err:
                 reason = _reason(err)
-                if tries < SHARD_RETRIES:
+                if tries < SHARD_RETRIES:  # after a pause: a dead actor takes a while to restart
                     log.warning("shard %d failed (%s); trying it again", shard, reason)
-                    later.append((time.monotonic(), shard, rows, sha, tries + 1))
+                    later.append((time.monotonic() + RETRY_PAUSE_S * (tries + 1), shard, rows, sha, tries + 1))
                 else:
                     totals.left.append(f"shard {shard}: left pending after {tries + 1} tries: {reason}")
                 continue
-            if outcome.done_elsewhere:
+            if outcome.done_elsewhere or (outcome.held_by is not None and committed_elsewhere(shard, sha)):
+                totals.shards_by_others += 1
                 bar.update(len(rows))
                 continue
-            if outcome.held_by is not None:
-                if committed_elsewhere(shard, sha):
-                    bar.update(len(rows))
-                else:
-                    later.append((time.monotonic() + HELD_RETRY_S, shard, rows, sha, tries))
-                    bar.set_postfix_str(f"shard {shard} held by {outcome.held_by}")
+            if outcome.held_by is not None:  # not committed by its holder yet: look again later
+                later.append((time.monotonic() + HELD_RETRY_S, shard, rows, sha, tries))
+                bar.set_postfix_str(f"shard {shard} held by {outcome.held_by}")
                 continue
             totals.shards += 1
             totals.ok += outcome.ok

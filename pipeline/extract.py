@@ -63,13 +63,16 @@ class ExtractSummary:
     shards_written: int
     ok: int
     failed: int
+    shards_by_others: int = 0  # committed meanwhile by another job on the same store
     left_pending: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        if not self.shards_written and not self.left_pending:
+        if not self.shards_written and not self.shards_by_others and not self.left_pending:
             return f"{self.store}: all {self.shards_total} shards already done; nothing to extract"
+        done = self.shards_done_before + self.shards_written + self.shards_by_others
+        others = f" ({self.shards_by_others} by another job)" if self.shards_by_others else ""
         text = (f"{self.store}: wrote {self.shards_written} shards ({self.ok} videos ok, {self.failed} failed); "
-                f"{self.shards_done_before + self.shards_written}/{self.shards_total} shards done")
+                f"{done}/{self.shards_total} shards done{others}")
         return "\n".join([text, *self.left_pending])
 
 
@@ -166,7 +169,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         totals = distributed.run(job, shards, n_videos, encoders, distributed.decode_slots(res, cfg.decoders),
                                  committed_elsewhere)
     summary.shards_written, summary.ok, summary.failed = totals.shards, totals.ok, totals.failed
-    summary.left_pending = totals.left
+    summary.shards_by_others, summary.left_pending = totals.shards_by_others, totals.left
     for line in totals.left:
         log.error(line)
     return summary

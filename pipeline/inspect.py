@@ -46,7 +46,8 @@ def open_store(store: str | Path) -> tuple[StoreLocation, zarr.Group]:
 
 def _size(location: StoreLocation) -> int:
     if location.remote:
-        return int(location.fs.du(location.root))
+        with location.errors():
+            return int(location.fs.du(location.root))
     return sum(p.stat().st_size for p in Path(location.root).rglob("*") if p.is_file())
 
 

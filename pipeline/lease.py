@@ -4,9 +4,11 @@ A lease is a small object `leases/shard-000007/<generation>.json` holding its ow
 the node and an expiry time. A shard is free when it has no lease or its newest generation has
 expired (or was released). Taking it means creating the generation after the newest one seen,
 with an atomic create-if-absent (`StoreLocation.create`): of any number of racing jobs exactly one
-wins, and a job whose view is stale loses, because that generation exists already. The newest
-generation is never deleted (a release rewrites it as expired; the taker of the next one deletes
-the older ones), so a generation number is never reused. The holder renews its record while it
+wins, and a job whose view is stale loses, because that generation exists already. No
+generation is ever deleted (a release rewrites it as expired): a folder listing that races with
+a create may miss the new entry, and if older entries could vanish too a job could see an empty
+folder and take generation 0 again. So the folder is also the shard's history of takers (one
+small object per run that processed the shard). The holder renews its record while it
 works (`kept`), so a lease outlives a killed job by at most `ttl_s`. Before committing, the holder
 checks it still holds the newest generation, so a job that stalled past its expiry and lost the
 shard never commits over the job that took it.
@@ -78,8 +80,6 @@ class ShardLease:
             newest = self._generations()
             return (newest and self._holder_of(newest[-1])) or "another job (it took the shard a moment ago)"
         self.generation = generation
-        for old in generations:  # leases of jobs that ended or died
-            self.location.delete(self._name(old))
         return None
 
     def check(self) -> None:

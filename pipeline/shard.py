@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from manifests.manifest import VideoEntry
+from manifests.manifest import VideoEntry, video_location
 from pipeline.decode import DecodedVideo, DecodeSpec, decode_file
-from pipeline.errors import DecodeError
+from pipeline.errors import DecodeError, StorageError
 from pipeline.storage import local_copy
 from pipeline.store import ShardResult
 from pipeline.store_format import FAILED, OK
@@ -55,11 +55,16 @@ class ShardBuffer:
 
 def decode_entry(video_root: str, entry: VideoEntry, spec: DecodeSpec) -> DecodedVideo | str:
     """Decode one manifest row (under a local folder or an fsspec URL, spooled to local disk
-    first); a bad file gives its reason instead of raising."""
+    first); a bad file, or one that cannot be fetched, gives its reason instead of raising. A
+    reason names the file where it lies (the URL, not the spooled copy)."""
+    location = str(video_location(video_root, entry.path))
+    path = None
     try:
-        with local_copy(f"{str(video_root).rstrip('/')}/{entry.path}") as path:
+        with local_copy(location) as path:
             return decode_file(path, entry.kind, spec)
     except FileNotFoundError:
         return "file not found"
+    except StorageError as err:
+        return f"cannot fetch the file: {err}"
     except DecodeError as err:
-        return str(err)
+        return str(err) if path is None else str(err).replace(str(path), location)

@@ -10,7 +10,15 @@ path, `FsspecStore` for a URL); the small files beside them (commit records, lea
   (`If-None-Match: *`) on object storage; the loser of a race gets False.
 
 Credentials and endpoints come from the usual environment and config files (AWS_* variables,
-fsspec's own config); nothing here prints them.
+fsspec's own config); nothing here prints them. A failure of the storage itself (no credentials,
+an unreachable endpoint, no such bucket, access denied) becomes one `StorageError` line naming the
+location (`storage_errors`), with any credential found in the environment masked.
+
+Reads never trust fsspec's listings cache: s3fs answers `exists`, and the size lookup inside
+`cat_file`, from the last listing of the parent folder when it has one, which another process
+(a worker committing a shard) makes stale; so each read or existence check drops the cached
+listings of its path first (it costs no request: without a cached entry s3fs asks the object
+itself, as it would anyway).
 """
 
 from __future__ import annotations
@@ -22,6 +30,15 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from pipeline.errors import StorageError
+
+# packages whose exceptions are failures of the storage client (fsspec turns a service's own
+# refusals into OSError: FileNotFoundError for a missing bucket, PermissionError, ...)
+_CLIENT_PACKAGES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "adlfs", "azure",
+                              "fsspec", "requests", "urllib3"})
+_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
+                     "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN")
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -43,7 +60,41 @@ def filesystem(url: str):  # noqa: ANN201 - an fsspec AbstractFileSystem
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as err:
-        raise ValueError(f"cannot open {url}: {err}") from err
+        raise StorageError(f"cannot open {url}: {err}") from err
+    except ValueError as err:  # an unknown protocol
+        raise StorageError(f"cannot open {url}: {_one_line(err)}") from err
+
+
+def is_storage_failure(err: BaseException) -> bool:
+    """Is `err` a failure of a remote filesystem's client or service (rather than of our code)?"""
+    if isinstance(err, OSError):
+        return True
+    return any(cls.__module__.split(".")[0] in _CLIENT_PACKAGES for cls in type(err).__mro__)
+
+
+def _one_line(err: BaseException) -> str:
+    """`Type: message` on one line, short, with every credential of the environment masked."""
+    text = " ".join(str(err).split())
+    for name in _SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            text = text.replace(value, "***")
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def storage_errors(where: str, passing: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Inside the block, a storage failure (`is_storage_failure`) becomes one `StorageError`
+    line naming `where`; anything else, and the errors of the `passing` types, pass through."""
+    try:
+        yield
+    except (StorageError, *passing):
+        raise
+    except Exception as err:
+        if not is_storage_failure(err):
+            raise
+        raise StorageError(f"{where}: storage error ({_one_line(err)})") from err
 
 
 class StoreLocation:
@@ -61,29 +112,45 @@ class StoreLocation:
     def path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        """`storage_errors` for this location when it is remote (local paths raise as they are)."""
+        return storage_errors(self.url) if self.remote else contextlib.nullcontext()
+
+    def _fresh(self, path: str) -> str:
+        """`path`, with fsspec's cached listings of it and its parents dropped (module docstring)."""
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, name: str = "") -> bool:
-        return self.fs.exists(self.path(name)) if self.remote else os.path.exists(self.path(name))
+        with self.errors():
+            return self.fs.exists(self._fresh(self.path(name))) if self.remote else os.path.exists(self.path(name))
 
     def is_empty_or_absent(self) -> bool:
-        if self.remote:
-            return not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False)
-        return not os.path.exists(self.root) or not os.listdir(self.root)
+        with self.errors():
+            if self.remote:
+                try:
+                    return not self.fs.ls(self._fresh(self.root), detail=False, refresh=True)
+                except FileNotFoundError:
+                    return True
+            return not os.path.exists(self.root) or not os.listdir(self.root)
 
     def read(self, name: str) -> bytes | None:
         """The object's bytes; None when it does not exist."""
-        try:
-            if self.remote:
-                return self.fs.cat_file(self.path(name))
-            with open(self.path(name), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+        with self.errors():
+            try:
+                if self.remote:
+                    return self.fs.cat_file(self._fresh(self.path(name)))
+                with open(self.path(name), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
 
     def write(self, name: str, data: bytes) -> None:
         """Replace the object whole (see the module docstring)."""
         target = self.path(name)
         if self.remote:
-            self.fs.pipe_file(target, data)
+            with self.errors():
+                self.fs.pipe_file(target, data)
             return
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
@@ -100,7 +167,8 @@ class StoreLocation:
         """Create the object only if it does not exist; False when it already does."""
         target = self.path(name)
         if self.remote:
-            return _create_remote(self.fs, target, data)
+            with self.errors():
+                return _create_remote(self.fs, target, data)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -112,22 +180,25 @@ class StoreLocation:
 
     def delete(self, name: str) -> None:
         """Remove the object; absent is fine."""
-        try:
-            if self.remote:
-                self.fs.rm_file(self.path(name))
-            else:
-                os.unlink(self.path(name))
-        except FileNotFoundError:
-            pass
+        with self.errors():
+            try:
+                if self.remote:
+                    self.fs.rm_file(self.path(name))
+                else:
+                    os.unlink(self.path(name))
+            except FileNotFoundError:
+                pass
 
     def list(self, folder: str) -> list[str]:
         """Names (not paths) of the objects directly in `folder`; [] when it does not exist."""
-        try:
-            if self.remote:
-                return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(folder), detail=False, refresh=True))
-            return sorted(os.listdir(self.path(folder)))
-        except FileNotFoundError:
-            return []
+        with self.errors():
+            try:
+                if self.remote:
+                    return sorted(p.rsplit("/", 1)[-1]
+                                  for p in self.fs.ls(self.path(folder), detail=False, refresh=True))
+                return sorted(os.listdir(self.path(folder)))
+            except FileNotFoundError:
+                return []
 
     def zarr_store(self, read_only: bool = False):  # noqa: ANN201 - a zarr Store
         import zarr
@@ -150,7 +221,8 @@ def _create_remote(fs, path: str, data: bytes) -> bool:  # noqa: ANN001
 @contextlib.contextmanager
 def local_copy(location: str) -> Iterator[Path]:
     """A local path of the file at `location`: itself when local, else a spooled copy in a
-    temporary folder that is deleted afterwards (decord reads only local files)."""
+    temporary folder that is deleted afterwards (decord reads only local files). A missing remote
+    file raises FileNotFoundError, any other failure to fetch it `StorageError`."""
     if not is_url(location):
         yield Path(location)
         return
@@ -158,7 +230,8 @@ def local_copy(location: str) -> Iterator[Path]:
     folder = tempfile.mkdtemp(prefix="vidcache-")
     try:
         local = Path(folder) / path.rsplit("/", 1)[-1]
-        fs.get_file(path, str(local))
+        with storage_errors(location, passing=(FileNotFoundError,)):
+            fs.get_file(path, str(local))
         yield local
     finally:
         shutil.rmtree(folder, ignore_errors=True)

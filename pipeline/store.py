@@ -10,6 +10,7 @@ only after they are whole, so no kill leaves a half-rewritten shard counted as d
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from pipeline.store_format import (
     shard_rows,
 )
 
+CREATE_WAIT_S = 10.0  # how long a job waits for another that is creating the same store
+
 
 @dataclass
 class ShardResult:
@@ -45,13 +48,19 @@ class ShardResult:
 
 def open_group(location: StoreLocation, mode: str = "r") -> zarr.Group:
     """The store's Zarr group (plain `zarr.open_group` on a path or an fsspec URL)."""
-    return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode)
+    with location.errors():
+        return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode)
 
 
 def read_attrs(location: StoreLocation) -> dict[str, Any] | None:
-    """The store's attributes, or None when there is no store at `location` (no zarr.json)."""
+    """The store's attributes, or None when there is no store at `location` (no zarr.json, or
+    one that a job is still creating or writing)."""
     data = location.read("zarr.json")
-    return None if data is None else json.loads(data).get("attributes", {})
+    try:
+        attrs = None if data is None else json.loads(data).get("attributes", {})
+    except ValueError:
+        return None
+    return None if attrs is None or attrs.get("creating") else attrs
 
 
 def read_commit(location: StoreLocation, shard: int) -> dict[str, Any] | None:
@@ -60,14 +69,23 @@ def read_commit(location: StoreLocation, shard: int) -> dict[str, Any] | None:
 
 def open_or_create(location: StoreLocation, attrs: dict[str, Any]) -> zarr.Group:
     """Open the store at `location` for extraction with `attrs`, creating or growing it as
-    needed. A store made with another encoder, frame count, sampling or manifest is refused."""
+    needed. A store made with another encoder, frame count, sampling or manifest is refused.
+    Two jobs may start on a new store at once: one creates it, the other waits and opens it."""
     have = read_attrs(location)
-    if have is not None:
-        check_compatible(have, attrs, location)
-        if attrs["n_rows"] < have["n_rows"]:
-            raise ExtractError(f"{location} holds {have['n_rows']} rows but the manifest only "
-                               f"{attrs['n_rows']}: a manifest never shrinks; use a new store")
-        group = open_group(location, "r+")
+    if have is None and not location.is_empty_or_absent():
+        have = _wait_for_creator(location)
+    if have is None:
+        try:
+            with location.errors():
+                return _create(location, attrs)
+        except zarr.errors.ContainsGroupError:
+            have = _wait_for_creator(location)
+    check_compatible(have, attrs, location)
+    if attrs["n_rows"] < have["n_rows"]:
+        raise ExtractError(f"{location} holds {have['n_rows']} rows but the manifest only "
+                           f"{attrs['n_rows']}: a manifest never shrinks; use a new store")
+    group = open_group(location, "r+")
+    with location.errors():
         if attrs["n_rows"] > have["n_rows"]:
             for name in ARRAYS:
                 array = group[name]
@@ -75,18 +93,36 @@ def open_or_create(location: StoreLocation, attrs: dict[str, Any]) -> zarr.Group
         grown = {k: attrs[k] for k in ("manifest_fingerprint", "n_rows") if have[k] != attrs[k]}
         if grown:  # a rerun of a finished job writes nothing at all
             group.attrs.update(grown)
-        return group
-    if not location.is_empty_or_absent():
-        raise ExtractError(f"{location} exists and is not a feature store; choose a new --store path")
-    group = zarr.create_group(store=location.zarr_store(), zarr_format=3, attributes=attrs)
+    return group
+
+
+def _create(location: StoreLocation, attrs: dict[str, Any]) -> zarr.Group:
+    """A new store: the group with a `creating` mark first (never over an existing one: of two
+    jobs creating the same store one wins and the other waits), then the arrays, then the real
+    attributes, which make it a store (`read_attrs`)."""
     n, s, f = attrs["n_rows"], attrs["shard_size"], attrs["frames"]
     t, d = attrs["tokens_per_frame"], attrs["width"]
+    group = zarr.create_group(store=location.zarr_store(), zarr_format=3, attributes={"creating": True},
+                              overwrite=False)
     group.create_array("tokens", shape=(n, f, t, d), chunks=(1, f, t, d), shards=(s, f, t, d), dtype="float16",
                        fill_value=0)
     group.create_array("frame_index", shape=(n, f), chunks=(s, f), dtype="int32", fill_value=0)
     group.create_array("n_frames", shape=(n,), chunks=(s,), dtype="int32", fill_value=0)
     group.create_array("status", shape=(n,), chunks=(s,), dtype="uint8", fill_value=PENDING)
+    group.attrs.put(attrs)
     return group
+
+
+def _wait_for_creator(location: StoreLocation) -> dict[str, Any]:
+    """The attributes of a store another job is creating right now; a one-line error when the
+    folder holds something else."""
+    deadline = time.monotonic() + CREATE_WAIT_S
+    while time.monotonic() < deadline:
+        have = read_attrs(location)
+        if have is not None:
+            return have
+        time.sleep(0.2)
+    raise ExtractError(f"{location} exists and is not a feature store; choose a new --store path")
 
 
 def check_compatible(have: dict[str, Any], want: dict[str, Any], location: StoreLocation) -> None:

@@ -351,6 +351,41 @@ def test_kill_9_then_rerun_gives_identical_tokens(store_all, corpus, ray_cluster
         np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
+def test_two_jobs_on_one_store_share_the_shards_and_both_finish(store_all, corpus, ray_cluster, tmp_path):
+    reference, _ = store_all
+    store = tmp_path / "shared.zarr"
+    cmd = [sys.executable, str(ROOT / "run_extract.py"), "extract", "--manifest", str(corpus[1]["all"]),
+           "--store", str(store), "--encoder", "demo-tiny", "--pretrained", "none", "--frames", str(F),
+           "--batch-size", "6", "--decoders", "1", "--ray-address", ray_cluster]
+    jobs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    written = [int(out.split("wrote ")[1].split(" shards")[0]) if "wrote " in out else 0 for out in outputs]
+    n_shards = load_manifest(corpus[1]["all"]).n_shards
+    assert sum(written) == n_shards, outputs  # no shard written twice
+    assert all(f"{n_shards}/{n_shards} shards done" in out or "already done" in out for out in outputs), outputs
+    a, b = zarr.open_group(reference, mode="r"), zarr.open_group(store, mode="r")
+    for name in ("tokens", "frame_index", "n_frames", "status"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_a_dead_jobs_lease_holds_its_shard_only_until_it_expires(corpus, ray_cluster, tmp_path):
+    from pipeline.lease import ShardLease
+    from pipeline.storage import StoreLocation
+
+    store = tmp_path / "leased.zarr"
+    _extract(corpus[1]["good"], store)
+    (store / "commits" / "shard-000000.json").unlink()  # a job was rewriting shard 0 ...
+    dead = ShardLease(StoreLocation(store), 0, owner="killed-job", node="gone", ttl_s=15.0)
+    assert dead.acquire() is None  # ... and was SIGKILLed: nobody renews its lease
+    expiry = time.time() + 14.9
+    summary = _extract(corpus[1]["good"], store)
+    assert summary.shards_written == 1 and not summary.left_pending
+    assert (store / "commits" / "shard-000000.json").stat().st_mtime >= expiry, "taken while its lease was live"
+    assert time.time() < expiry + 30, "the expired lease held the shard much longer than its expiry"
+    assert json.loads((store / "commits" / "shard-000000.json").read_text())["node"] != "gone"
+
+
 def test_real_size_vit_b_16(corpus, ray_cluster, tmp_path):
     root, _ = corpus
     ids = sorted(json.loads((root / "labels.json").read_text()))[:2]

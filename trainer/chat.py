@@ -153,7 +153,7 @@ class ChatConfig(GenerationFlags):
 
     run: Path
     video: Path | None = None
-    store: Path | None = None
+    store: Path | str | None = None  # a path or an fsspec URL
     row: int | None = None
     question: str | None = None
     device: str | None = None

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from trainer.errors import TrainerError
 from pipeline.store_format import OK as STATUS_OK
 from pipeline.store_format import STATUS_NAMES
-from trainer.store import StoreInfo
+from trainer.store import StoreInfo, store_errors
 from trainer.tokenization import IGNORE, ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -255,10 +255,9 @@ def _available_host_memory() -> float:
 def make_features(kind: str, store_path: str | Path, rows: Sequence[int], device: torch.device) -> Features:
     if kind == "disk":
         return DiskFeatures(store_path)
-    if kind == "ram":
-        return RamFeatures(store_path, rows)
-    if kind == "gpu":
-        return GpuFeatures(store_path, rows, device)
+    if kind in ("ram", "gpu"):
+        with store_errors(store_path):  # loading from object storage: a failure is one line
+            return RamFeatures(store_path, rows) if kind == "ram" else GpuFeatures(store_path, rows, device)
     raise TrainerError(f"--feature-cache must be one of {', '.join(FEATURE_CACHES)}, not {kind!r}")
 
 

@@ -137,7 +137,7 @@ class EvalConfig:
 
     run: Path
     manifest: Path | None = None  # default: the run's
-    store: Path | None = None  # default: the run's
+    store: Path | str | None = None  # default: the run's (a path or an fsspec URL)
     labels: Path | None = None
     ablate: str | None = None  # zero-video | no-video
     split: str = "val"

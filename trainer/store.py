@@ -9,14 +9,17 @@ is refused unless the signatures are equal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.storage import StoreLocation
+from pipeline.errors import StorageError
+from pipeline.storage import StoreLocation, is_url, storage_errors
 from pipeline.store import open_group, read_commit
 from pipeline.store_format import FORMAT_VERSION, PENDING, SIGNATURE_KEYS, is_done, n_shards, shard_rows
 from trainer.errors import TrainerError
@@ -59,9 +62,25 @@ def store_signature(attrs: dict[str, Any]) -> dict[str, Any]:
     return {key: attrs.get(key) for key in SIGNATURE_KEYS}
 
 
+@contextlib.contextmanager
+def store_errors(path: str | Path) -> Iterator[None]:
+    """A failure of the storage under a remote store (no credentials, endpoint down, no bucket)
+    becomes one `TrainerError` line (`pipeline.storage.storage_errors`)."""
+    try:
+        with storage_errors(str(path)) if is_url(path) else contextlib.nullcontext():
+            yield
+    except StorageError as err:
+        raise TrainerError(str(err)) from err
+
+
 def open_store(path: str | Path) -> StoreInfo:
     """Open and check a feature store (a path or an fsspec URL); a one-line `TrainerError` for
     anything that is not one. Only rows of done shards (the store format's done rule) are ok."""
+    with store_errors(path):
+        return _open_store(path)
+
+
+def _open_store(path: str | Path) -> StoreInfo:
     location = StoreLocation(path)
     if not location.exists():
         raise TrainerError(f"no such feature store: {location}")

@@ -67,7 +67,7 @@ class TrainConfig:
     ``init_from``, the earlier run's values)."""
 
     manifest: Path
-    store: Path
+    store: Path | str  # a path or an fsspec URL
     out: Path
     # model and tokenizer
     preset: str | None = None  # tiny | small | base (default small)
@@ -382,7 +382,7 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
                 "video_id": tok.video_id, "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id,
             },
             "template": {"system": system},
-            "store": {"path": str(Path(cfg.store).resolve()), "signature": store.signature, "attrs": store.attrs},
+            "store": {"path": store.path, "signature": store.signature, "attrs": store.attrs},
             "manifest": {"path": str(manifest.dir), "manifest_id": manifest.manifest_id, "fingerprint": manifest.fingerprint},
             "init": {"lm": str(cfg.init_lm) if cfg.init_lm else None, "from": str(init_ckpt) if init_ckpt else None},
             "global_batch": plan.global_batch,
