@@ -159,6 +159,7 @@ def verify(store: str | Path, manifest_dir: Path | None = None) -> list[str]:
         else:
             shas = _manifest_shas(manifest_dir, attrs)
     status_all = g["status"][:]
+    arrays = [g[name] for name in ARRAYS]  # opened once: at 20k shards, reopening costs minutes
     for shard in range(n_shards(attrs)):
         start, stop = shard_rows(attrs, shard)
         where = f"shard {shard} (rows {start}-{stop - 1})"
@@ -176,7 +177,7 @@ def verify(store: str | Path, manifest_dir: Path | None = None) -> list[str]:
         if commit.get("rows") != [start, stop]:
             problems.append(f"{where}: commit record covers rows {commit.get('rows')}")
         try:  # each array of the shard read once; a corrupt shard file fails to decode
-            tokens, frame_index, n_frames, st = (g[name][start:stop] for name in ARRAYS)
+            tokens, frame_index, n_frames, st = (array[start:stop] for array in arrays)
         except Exception as err:
             problems.append(f"{where}: unreadable data ({' '.join(str(err).split())[:120]})")
             continue
