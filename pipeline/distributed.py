@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -154,13 +155,13 @@ class EncodeActor:
     """One vision tower on one device. `encode` calls from any number of shard tasks are queued
     and served by one thread in batches of up to `batch_size` frames."""
 
-    def __init__(self, spec: EncoderSpec, fingerprint: str, device: str, threads: int, batch_size: int) -> None:
+    def __init__(self, spec: EncoderSpec, fingerprint: str | None, device: str, threads: int, batch_size: int) -> None:
         import torch
 
         if device == "cpu":
             torch.set_num_threads(threads)
         self.encoder = load_encoder(spec, device)
-        if self.encoder.fingerprint != fingerprint:
+        if fingerprint is not None and self.encoder.fingerprint != fingerprint:
             raise ExtractError(f"node {node_name()}: the encoder loaded here is not the store's (other weights "
                                f"in this node's cache?): {self.encoder.attrs} vs fingerprint {fingerprint}")
         self.batch_size = batch_size
@@ -293,10 +294,11 @@ def _advance(gen: Any, running: dict, decoded: list, buffer: ShardBuffer, timeou
         decoded.append((entry, state[2], item))
 
 
-def start_encoders(spec: EncoderSpec, fingerprint: str, res: Resources, batch_size: int,
+def start_encoders(spec: EncoderSpec, fingerprint: str | None, res: Resources, batch_size: int,
                    encoder_threads: int | None) -> list[Any]:
     """One encoder actor per GPU, or one CPU actor per node (reserving no CPUs; see the module
-    docstring); each proves it loaded the weights with `fingerprint`. Ray restarts a dead one."""
+    docstring); each proves it loaded the weights with `fingerprint` (None: a new store, whose
+    fingerprint `encoder_attrs` takes from them). Ray restarts a dead one."""
     if res.gpus:
         return [EncodeActor.options(num_gpus=1, num_cpus=1).remote(spec, fingerprint, "cuda", 1, batch_size)
                 for _ in range(res.gpus)]
@@ -306,16 +308,32 @@ def start_encoders(spec: EncoderSpec, fingerprint: str, res: Resources, batch_si
             for _ in range(res.nodes)]
 
 
+def encoder_attrs(encoders: list[Any]) -> dict[str, Any]:
+    """What a new store records about the encoder, as the actors loaded it; they must agree."""
+    try:
+        loaded = ray.get([actor.attrs.remote() for actor in encoders])
+    except ray.exceptions.RayError as err:
+        raise ExtractError(f"the encoder could not be loaded: {_reason(err)}") from err
+    if any(attrs != loaded[0] for attrs in loaded):
+        raise ExtractError("the encoder actors loaded different weights (other weights in some node's cache?)")
+    return loaded[0]
+
+
 def decode_slots(res: Resources, decoders: int | None) -> int:
     """Concurrent decodes the cluster can run: every CPU not reserved by a GPU encoder."""
     return decoders or max(1, res.cpus - res.gpus)
 
 
 def _reason(err: BaseException) -> str:
-    """One line for a failed shard task: the innermost cause's type and first sentence."""
+    """One line for a failed task or actor: the innermost error's type and message (the last
+    "...Error: message" line of a remote traceback, else the first line)."""
     cause = getattr(err, "cause", None) or err
-    text = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
-    return f"{type(cause).__name__}: {text[:200]}"
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(cause).splitlines()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    if raised:
+        kind, message = raised[-1].split(": ", 1)
+        return f"{kind.rsplit('.', 1)[-1]}: {message[:200]}"
+    return f"{type(cause).__name__}: {next((line for line in lines if line), '')[:200]}"
 
 
 def run(job_template: dict[str, Any], shards: Iterable[tuple[int, list[VideoEntry], str]], n_videos: int,

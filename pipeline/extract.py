@@ -7,15 +7,15 @@ in flight; a rerun redoes exactly those. When nothing is pending the job ends be
 Ray or loading the encoder (a rerun costs the reading of the commit records).
 
 Defaults decided here: the precision is fp16 when the cluster has GPUs and fp32 otherwise, or
-the store's own precision when extending an existing store. A new store gets its encoder
-attributes from a tower loaded in the driver (while Ray starts); an existing store's are taken
-from the store, and every encoder actor proves it loaded the same weights (fingerprint).
+the store's own precision when extending an existing store. A new store records the encoder
+attributes that the encoder actors report (the driver never loads a tower, nor imports torch); an
+existing store's are taken from the store, and every encoder actor proves it loaded the same
+weights (fingerprint).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,19 +127,14 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 
     from pipeline import distributed  # Ray is started only when there is work
 
-    loaded: dict[str, Any] = {}
-    loader = None
-    if attrs is None:  # a new store: load the tower (to learn what the store records) while Ray starts
-        loader = threading.Thread(target=_load_attrs, args=(cfg, loaded), daemon=True)
-        loader.start()
     with distributed.cluster(cfg.ray_address) as res:
-        if loader is not None:
-            loader.join()
-            if "error" in loaded:
-                raise loaded["error"]
-            precision = cfg.precision or ("fp16" if res.gpus else "fp32")
-            attrs = store_attrs({**loaded["attrs"], "precision": precision}, cfg.frames, cfg.sampling,
-                                meta["manifest_id"], meta["fingerprint"], shard_size, n_rows)
+        precision = attrs["encoder"]["precision"] if attrs else cfg.precision or ("fp16" if res.gpus else "fp32")
+        spec = EncoderSpec(cfg.encoder, cfg.pretrained, cfg.layer, precision)
+        encoders = distributed.start_encoders(spec, attrs["encoder_fingerprint"] if attrs else None, res,
+                                              cfg.batch_size, cfg.encoder_threads)
+        if attrs is None:  # a new store records what the encoder actors loaded; the driver loads no tower
+            attrs = store_attrs(distributed.encoder_attrs(encoders), cfg.frames, cfg.sampling, meta["manifest_id"],
+                                meta["fingerprint"], shard_size, n_rows)
         open_or_create(location, attrs)
         pending = _pending(location, attrs, manifest_dir, shard_size)
         todo = set(pending if cfg.shards is None else cfg.shards)
@@ -147,9 +142,6 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         if not todo:
             return summary
         enc = attrs["encoder"]
-        spec = EncoderSpec(cfg.encoder, cfg.pretrained, cfg.layer, enc["precision"])
-        encoders = distributed.start_encoders(spec, attrs["encoder_fingerprint"], res, cfg.batch_size,
-                                              cfg.encoder_threads)
         job = {
             "store": location.url,
             "attrs": attrs,
@@ -173,15 +165,6 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     for line in totals.left:
         log.error(line)
     return summary
-
-
-def _load_attrs(cfg: ExtractConfig, out: dict[str, Any]) -> None:
-    """The encoder attributes a new store records: the tower loaded on the CPU, then dropped
-    (its precision only names the precision, which the caller fills in)."""
-    try:
-        out["attrs"] = load_encoder(EncoderSpec(cfg.encoder, cfg.pretrained, cfg.layer, "fp32"), "cpu").attrs
-    except Exception as err:  # noqa: BLE001 - re-raised in the caller's thread
-        out["error"] = err
 
 
 @dataclass
