@@ -99,12 +99,17 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """Flags of how extraction runs (not what it computes): shared by extract and rebuild."""
     p.add_argument("--batch-size", type=int, default=256, help="frames per encoder forward, across videos (default: 256)")
     p.add_argument("--ray-address", default=None,
-                   help="join a Ray cluster: auto or HOST:PORT (default: start a local cluster sized to this machine)")
+                   help="run on a Ray cluster: auto or HOST:PORT, or local for a Ray cluster of this machine "
+                        "(default: no Ray: decoder processes and encoders on this machine)")
     p.add_argument("--decoders", type=int, default=None,
-                   help="concurrent decode tasks over the cluster (default: every CPU, minus one per GPU encoder)")
+                   help="concurrent decodes, on this machine or over the cluster (default: every CPU, minus one "
+                        "per GPU encoder)")
     p.add_argument("--encoder-threads", type=int, default=None,
                    help="torch threads of each CPU encoder (no GPUs): it reserves no CPU and shares the cores with "
                         "the decoders (default: the node's CPUs)")
+    p.add_argument("--lease-expiry", type=float, default=60.0, dest="lease_ttl_s", metavar="SECONDS",
+                   help="a shard this job works on is held (renewed every third of this) and stays held this long "
+                        "if the job is killed; another job takes it after that (default: 60)")
     p.add_argument("--decode-timeout", type=float, default=120.0, dest="decode_timeout_s", metavar="SECONDS",
                    help="seconds a video's decode may run (from its start) before it is killed and recorded as a "
                         "hang (default: 120)")

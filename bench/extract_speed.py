@@ -14,15 +14,17 @@ F=8 frames per video uniformly (`pipeline.sampling.uniform_indices`):
    (as a CLIP image processor does), normalised and encoded by the same open_clip tower
    (`pipeline.encoder.load_encoder(...).encode`), one pickle per video.
 2. job, 64-video shards: `run_extract.py extract` into a fresh store (manifest with
-   `--shard-size 64`).
+   `--shard-size 64`): the default, one-machine distributor (`pipeline.local`).
 3. job, 8-video shards: the same with a `--shard-size 8` manifest.
+3b. job on Ray: row 2 with `--ray-address local` (a Ray cluster of this machine, started by the
+   job): what the Ray distributor costs on one small machine. No bar; reported for honesty.
 4. rerun, nothing to do: row 2's command again on its finished store (run once, at the end).
 5. limit: decode only, all cores: the project's decoder (`pipeline.decode.decode_file`, the
    same `DecodeSpec` the job uses) over every video in a spawn process pool of one worker per
    usable core; no encoding, no writing. Encoding with demo-tiny costs little, so this is about
    the fastest any extraction of this corpus can be on this machine.
 
-Rows 1, 2, 3 and 5 run `--repeats` times, interleaved round-robin with the order reversed on
+Rows 1, 2, 3, 3b and 5 run `--repeats` times, interleaved round-robin with the order reversed on
 every other pass, so that load from elsewhere on the machine hits all alike; the table shows
 the median and the minimum seconds and videos/s at the median. The ratios (of medians) and
 their bars: serial / job64 ("speedup vs serial") >= 1.5, limit / job64 ("fraction of the
@@ -86,6 +88,7 @@ ROWS = {  # key: label; the timed rows in their round-robin order
     "serial": "serial (Video-ChatGPT style)",
     "job64": "job, 64-video shards",
     "job8": "job, 8-video shards",
+    "ray64": "job on Ray (--ray-address local), 64-video shards",
     "limit": "limit: decode only, all cores",
 }
 RERUN_LABEL = "rerun, nothing to do"
@@ -286,7 +289,7 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
              "--out", str(manifest), "--shard-size", str(size)], logs, f"manifest{size}")
     image_size = encoder_image_size()
     serial_out = run_dir / "serial_out"
-    stores = {"job64": run_dir / "store64.zarr", "job8": run_dir / "store8.zarr"}
+    stores = {"job64": run_dir / "store64.zarr", "job8": run_dir / "store8.zarr", "ray64": run_dir / "ray64.zarr"}
     extract = [py, "run_extract.py", "extract", "--encoder", ENCODER, "--pretrained", "none",
                "--frames", str(FRAMES)]
     commands = {
@@ -294,6 +297,7 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
                    "--out", str(serial_out)],
         "job64": [*extract, "--manifest", str(manifests[64]), "--store", str(stores["job64"])],
         "job8": [*extract, "--manifest", str(manifests[8]), "--store", str(stores["job8"])],
+        "ray64": [*extract, "--manifest", str(manifests[64]), "--store", str(stores["ray64"]), "--ray-address", "local"],
         "limit": [py, str(Path(__file__).resolve()), "_decode_only", "--manifest", str(manifests[64]),
                   "--image-size", str(image_size)],
     }

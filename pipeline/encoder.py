@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -117,6 +118,76 @@ class Encoder:
         )
         tokens = torch.cat([feats["image_intermediates_prefix"][0], feats["image_intermediates"][0]], dim=1)
         return tokens.to(torch.float16).cpu().numpy()
+
+
+class BatchingEncoder:
+    """One tower shared by many callers (the shards in flight): `submit` calls from any thread
+    are queued and served by one thread in forwards of up to `batch_size` frames, so batches
+    span videos and shards. `close` ends the thread."""
+
+    def __init__(self, encoder: Encoder, batch_size: int) -> None:
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.requests: queue.Queue[tuple[list[np.ndarray], Future] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._serve, name="encode", daemon=True)
+        self.thread.start()
+
+    def submit(self, videos: list[np.ndarray]) -> Future:
+        """Frames of several videos, (F, S, S, 3) each -> a future of their tokens, (F, T, D) each."""
+        done: Future = Future()
+        self.requests.put((videos, done))
+        return done
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.thread.join()
+
+    def _serve(self) -> None:
+        while (first := self.requests.get()) is not None:
+            batch = [first]
+            frames = sum(len(v) for v in first[0])
+            while frames < self.batch_size:
+                try:
+                    request = self.requests.get_nowait()
+                except queue.Empty:
+                    break
+                if request is None:  # closing: serve what came first, then stop
+                    self.requests.put(None)
+                    break
+                batch.append(request)
+                frames += sum(len(v) for v in request[0])
+            videos = [v for request, _ in batch for v in request]
+            try:
+                tokens = self.encoder.encode(np.concatenate(videos), self.batch_size)
+            except Exception as err:  # noqa: BLE001 - handed to every caller of this batch
+                for _, done in batch:
+                    done.set_exception(err)
+                continue
+            out = iter(np.split(tokens, np.cumsum([len(v) for v in videos])[:-1]))
+            for request, done in batch:
+                done.set_result([next(out) for _ in request])
+
+
+def input_geometry(model: str) -> tuple[int, str] | None:
+    """(input size, resize mode) that open_clip's config file of `model` names, read without
+    importing torch or open_clip (a one-machine job starts decoding while they load); None when
+    there is no such file. A guess: only the loaded tower's `attrs` are authoritative."""
+    import importlib.util
+    import json
+
+    found = importlib.util.find_spec("open_clip")
+    folders = [CONFIG_DIR, *(Path(p) / "model_configs" for p in (found.submodule_search_locations or []))] \
+        if found else [CONFIG_DIR]
+    for folder in folders:
+        path = folder / f"{model}.json"
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            size = config.get("vision_cfg", {}).get("image_size")
+            if size is None:
+                return None
+            return int(size[0] if isinstance(size, list) else size), \
+                config.get("preprocess_cfg", {}).get("resize_mode", "shortest")
+    return None
 
 
 def register_configs() -> None:

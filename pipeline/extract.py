@@ -1,16 +1,19 @@
 """`extract`: a manifest in, a feature store out (DESIGN §3.2-3.3), resumable.
 
 The driver reads the manifest shard by shard, lists the shards that are not done (by the done
-rule of `pipeline.store_format`), and hands exactly those to `pipeline.distributed`, whose
-worker-side tasks write and commit each shard themselves. A killed job loses at most the shards
-in flight; a rerun redoes exactly those. When nothing is pending the job ends before starting
-Ray or loading the encoder (a rerun costs the reading of the commit records).
+rule of `pipeline.store_format`), and hands exactly those to a distributor: with
+`--ray-address`, Ray (`pipeline.distributed`: shard tasks on the cluster's nodes write and commit
+each shard themselves, the driver never loads a tower nor imports torch); without it, this
+machine's processes (`pipeline.local`: no Ray daemons, whose cost would eat a third of a small
+machine). Both run the same shard lifecycle (`pipeline.shard.take_shard`) and make the same store
+byte for byte. A killed job loses at most the shards in flight; a rerun redoes exactly those.
+When nothing is pending the job ends before starting either or loading the encoder (a rerun
+costs the reading of the commit records).
 
-Defaults decided here: the precision is fp16 when the cluster has GPUs and fp32 otherwise, or
-the store's own precision when extending an existing store. A new store records the encoder
-attributes that the encoder actors report (the driver never loads a tower, nor imports torch); an
-existing store's are taken from the store, and every encoder actor proves it loaded the same
-weights (fingerprint).
+Defaults decided here: the precision is fp16 when there are GPUs and fp32 otherwise, or the
+store's own precision when extending an existing store. A new store records the encoder
+attributes that the encoders report; an existing store's are taken from the store, and every
+encoder proves it loaded the same weights (fingerprint).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import numpy as np
 
 from manifests.manifest import IMAGE_EXTENSIONS, VideoEntry, iter_shards, read_manifest_meta
 from pipeline.decode import DecodeSpec, decode_file
-from pipeline.encoder import EncoderSpec, load_encoder
+from pipeline.encoder import EncoderSpec, input_geometry, load_encoder
 from pipeline.errors import DecodeError, ExtractError
+from pipeline.lease import DEFAULT_TTL_S
 from pipeline.sampling import SAMPLING_POLICIES
 from pipeline.storage import StoreLocation
 from pipeline.store import check_compatible, open_group, open_or_create, read_attrs, read_commit
@@ -52,6 +56,7 @@ class ExtractConfig:
     encoder_threads: int | None = None
     precision: str | None = None  # None: the store's, else fp16 on GPU clusters, fp32 on CPU
     decode_timeout_s: float = 120.0
+    lease_ttl_s: float = DEFAULT_TTL_S  # how long a shard stays held after this job is killed
     shards: list[int] | None = None  # None: every pending shard; else exactly these (rebuild)
 
 
@@ -85,6 +90,8 @@ def _validate(cfg: ExtractConfig) -> None:
         raise ExtractError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.decode_timeout_s <= 0:
         raise ExtractError(f"--decode-timeout must be positive, got {cfg.decode_timeout_s}")
+    if cfg.lease_ttl_s < 3:
+        raise ExtractError(f"--lease-expiry must be at least 3 seconds, got {cfg.lease_ttl_s}")
 
 
 def _asks_for_store(cfg: ExtractConfig, have: dict[str, Any]) -> bool:
@@ -100,9 +107,28 @@ def _shards_with_sha(manifest_dir: Path, shard_size: int) -> Iterator[tuple[int,
         yield shard, rows, rows_sha256(rows)
 
 
+def _rows_of(manifest_dir: Path, shard_size: int, shards: set[int] | None) -> Iterator[VideoEntry]:
+    """The rows of `shards` (None: of every shard) in manifest order, read lazily."""
+    for shard, entries in iter_shards(manifest_dir, shard_size):
+        if shards is None or shard in shards:
+            yield from entries
+
+
 def _pending(location: StoreLocation, attrs: dict[str, Any], manifest_dir: Path, shard_size: int) -> list[int]:
     return [s for s, _, sha in _shards_with_sha(manifest_dir, shard_size)
             if not is_done(read_commit(location, s), attrs, sha)]
+
+
+def _distributor(cfg: ExtractConfig) -> Any:
+    """Ray with --ray-address (a cluster, or `local`: a one-machine Ray), else this machine's
+    processes; both run the same shard lifecycle (`pipeline.shard.take_shard`)."""
+    if cfg.ray_address:
+        from pipeline.distributed import RayDistributor
+
+        return RayDistributor(cfg.ray_address, cfg.decoders, cfg.encoder_threads, cfg.batch_size)
+    from pipeline.local import LocalDistributor
+
+    return LocalDistributor(cfg.decoders, cfg.encoder_threads, cfg.batch_size, cfg.decode_timeout_s)
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -116,25 +142,28 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise ExtractError(f"shards {sorted(cfg.shards)} are not all in 0..{n_shards - 1}")
     have = read_attrs(location)
     attrs = None
+    todo = None if cfg.shards is None else set(cfg.shards)  # None: every shard, as far as is known yet
     if have is not None and _asks_for_store(cfg, have):
         attrs = store_attrs(have["encoder"], cfg.frames, cfg.sampling, meta["manifest_id"], meta["fingerprint"],
                             shard_size, n_rows)
         pending = _pending(location, attrs, manifest_dir, shard_size)
-        todo = pending if cfg.shards is None else sorted(set(cfg.shards))
+        todo = set(pending) if cfg.shards is None else todo
         if not todo:
             check_compatible(have, attrs, location)
             return ExtractSummary(str(location), n_shards, n_shards, 0, 0, 0)
 
-    from pipeline import distributed  # Ray is started only when there is work
-
-    with distributed.cluster(cfg.ray_address) as res:
-        precision = attrs["encoder"]["precision"] if attrs else cfg.precision or ("fp16" if res.gpus else "fp32")
+    with _distributor(cfg) as distributor:  # started only when there is work
+        geometry = (attrs["encoder"]["image_size"], attrs["encoder"]["resize_mode"]) if attrs \
+            else input_geometry(cfg.encoder)
+        if geometry is not None:
+            distributor.warm_up(str(meta["video_root"]), _rows_of(manifest_dir, shard_size, todo),
+                                DecodeSpec(cfg.frames, cfg.sampling, *geometry))
+        precision = attrs["encoder"]["precision"] if attrs else cfg.precision or ("fp16" if distributor.gpus else "fp32")
         spec = EncoderSpec(cfg.encoder, cfg.pretrained, cfg.layer, precision)
-        encoders = distributed.start_encoders(spec, attrs["encoder_fingerprint"] if attrs else None, res,
-                                              cfg.batch_size, cfg.encoder_threads)
-        if attrs is None:  # a new store records what the encoder actors loaded; the driver loads no tower
-            attrs = store_attrs(distributed.encoder_attrs(encoders), cfg.frames, cfg.sampling, meta["manifest_id"],
-                                meta["fingerprint"], shard_size, n_rows)
+        loaded = distributor.load_encoders(spec, attrs["encoder_fingerprint"] if attrs else None)
+        if attrs is None:  # a new store records what the encoders loaded
+            attrs = store_attrs(loaded, cfg.frames, cfg.sampling, meta["manifest_id"], meta["fingerprint"],
+                                shard_size, n_rows)
         open_or_create(location, attrs)
         pending = _pending(location, attrs, manifest_dir, shard_size)
         todo = set(pending if cfg.shards is None else cfg.shards)
@@ -149,6 +178,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             "decode": DecodeSpec(cfg.frames, cfg.sampling, enc["image_size"], enc["resize_mode"]),
             "batch_size": cfg.batch_size,
             "timeout_s": cfg.decode_timeout_s,
+            "lease_ttl_s": cfg.lease_ttl_s,
             "redo": cfg.shards is not None,
             "shard_size": shard_size,
         }
@@ -158,8 +188,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         def committed_elsewhere(shard: int, sha: str) -> bool:
             return is_done(read_commit(location, shard), attrs, sha)
 
-        totals = distributed.run(job, shards, n_videos, encoders, distributed.decode_slots(res, cfg.decoders),
-                                 committed_elsewhere)
+        totals = distributor.run(job, shards, n_videos, committed_elsewhere)
     summary.shards_written, summary.ok, summary.failed = totals.shards, totals.ok, totals.failed
     summary.shards_by_others, summary.left_pending = totals.shards_by_others, totals.left
     for line in totals.left:
@@ -182,6 +211,7 @@ class RebuildConfig:
     decoders: int | None = None
     encoder_threads: int | None = None
     decode_timeout_s: float = 120.0
+    lease_ttl_s: float = DEFAULT_TTL_S
 
 
 def rebuild(cfg: RebuildConfig) -> ExtractSummary:
@@ -215,7 +245,7 @@ def rebuild(cfg: RebuildConfig) -> ExtractSummary:
         frames=attrs["frames"], sampling=attrs["sampling"], layer=enc["layer"], batch_size=cfg.batch_size,
         ray_address=cfg.ray_address, decoders=cfg.decoders, encoder_threads=cfg.encoder_threads,
         precision=enc["precision"],
-        decode_timeout_s=cfg.decode_timeout_s, shards=shards,
+        decode_timeout_s=cfg.decode_timeout_s, lease_ttl_s=cfg.lease_ttl_s, shards=shards,
     ))
 
 

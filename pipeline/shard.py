@@ -1,21 +1,63 @@
-"""A shard in the making: per-row outcomes collected, then one `ShardResult` for the writer.
+"""The life of one shard on a worker, whatever runs it (Ray or this machine's processes).
 
-The rules (failed rows keep zero tokens and a reason; every row ends ok or failed) live here,
-apart from Ray, so the orchestrator stays a loop of scheduling decisions. Without Ray the stages
-are two calls: `pipeline.decode.decode_file` then `pipeline.encoder.Encoder.encode` (as
-`chat --video` and the benchmarks use them).
+`take_shard` is the whole lifecycle: take the shard's lease (`pipeline.lease`), skip it if
+another job committed it meanwhile, fill a `ShardBuffer` with every row's outcome (the
+distributor's `fill`: decodes and encodes), check the lease is still held, write the shard and
+then its commit record (`pipeline.store.write_shard`). The rules (failed rows keep zero tokens
+and a reason; every row ends ok or failed) live here too, so the distributors
+(`pipeline.distributed`, `pipeline.local`) are loops of scheduling decisions. Without a
+distributor the stages are two calls: `pipeline.decode.decode_file` then
+`pipeline.encoder.Encoder.encode` (as `chat --video` and the benchmarks use them).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from manifests.manifest import VideoEntry, video_location
 from pipeline.decode import DecodedVideo, DecodeSpec, decode_file
 from pipeline.errors import DecodeError, StorageError
-from pipeline.storage import local_copy
-from pipeline.store import ShardResult
-from pipeline.store_format import FAILED, OK
+from pipeline.lease import DEFAULT_TTL_S, ShardLease
+from pipeline.storage import StoreLocation, local_copy
+from pipeline.store import ShardResult, open_group, read_commit, write_shard
+from pipeline.store_format import FAILED, OK, is_done
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard of one run needs to know (small: sent with each shard task)."""
+
+    store: str  # path or URL
+    attrs: dict[str, Any]  # the store's attributes
+    video_root: str  # path or URL
+    decode: DecodeSpec
+    batch_size: int  # frames per encoder forward
+    timeout_s: float  # per-video decode deadline, from the decode's start
+    decodes_per_shard: int
+    job_id: str
+    redo: bool = False  # rewrite shards that are done (rebuild); else a done shard is left alone
+    lease_ttl_s: float = DEFAULT_TTL_S
+
+    @property
+    def videos_per_batch(self) -> int:
+        return max(1, self.batch_size // self.decode.frames)
+
+
+@dataclass
+class ShardOutcome:
+    """What a shard's worker tells the driver: counts and the node, or who holds the shard, or
+    that another job committed it meanwhile."""
+
+    shard: int
+    ok: int = 0
+    failed: int = 0
+    node: str = ""
+    held_by: str | None = None
+    done_elsewhere: bool = False
 
 
 class ShardBuffer:
@@ -43,10 +85,6 @@ class ShardBuffer:
         self.failures[row] = reason
         self.status[row - self.start] = FAILED
 
-    @property
-    def complete(self) -> bool:
-        return bool((self.status != 0).all())
-
     def result(self) -> ShardResult:
         failures = [{"row": row, "video_id": self.entries[row - self.start].video_id, "reason": reason}
                     for row, reason in sorted(self.failures.items())]
@@ -68,3 +106,23 @@ def decode_entry(video_root: str, entry: VideoEntry, spec: DecodeSpec) -> Decode
         return f"cannot fetch the file: {err}"
     except DecodeError as err:
         return str(err) if path is None else str(err).replace(str(path), location)
+
+
+def take_shard(job: ShardJob, shard: int, entries: list[VideoEntry], rows_sha: str, node: str,
+               fill: Callable[[list[VideoEntry], ShardBuffer], None]) -> ShardOutcome:
+    """Lease, fill (the distributor's decodes and encodes), write and commit one shard."""
+    location = StoreLocation(job.store)
+    lease = ShardLease(location, shard, job.job_id, node, job.lease_ttl_s)
+    held_by = lease.acquire()
+    if held_by is not None:
+        return ShardOutcome(shard, held_by=held_by)
+    with lease.kept():
+        attrs = job.attrs
+        if not job.redo and is_done(read_commit(location, shard), attrs, rows_sha):
+            return ShardOutcome(shard, node=node, done_elsewhere=True)
+        buffer = ShardBuffer(shard, entries, attrs["frames"], attrs["tokens_per_frame"], attrs["width"])
+        fill(entries, buffer)
+        result = buffer.result()
+        lease.check()
+        write_shard(open_group(location, "r+"), location, attrs, result, rows_sha, node)
+    return ShardOutcome(shard, ok=int((result.status == OK).sum()), failed=len(result.failures), node=node)

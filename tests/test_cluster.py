@@ -2,7 +2,7 @@
 
 1. `ray.cluster_utils.Cluster` with two nodes, in a fresh Python process (the session's own Ray
    cluster lives in this one): shards are written by both nodes, and the store's arrays equal,
-   byte for byte, those of a store made by the session's local cluster from the same manifest.
+   byte for byte, those of a store made on this machine without Ray from the same manifest.
 2. tests/cluster_recipe.sh, the README's cluster recipe as a user runs it (`ray start --head`, a
    second `ray start --address`, `ray job submit ... -- python run_extract.py extract ...
    --ray-address auto`, `ray stop`, then `verify` and `status`), in its own PID namespace
@@ -79,8 +79,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference_store(corpus, ray_cluster, tmp_path_factory) -> Path:
-    """The same manifest extracted by the session's local (one-node) cluster."""
+def reference_store(corpus, tmp_path_factory) -> Path:
+    """The same manifest extracted on this machine without Ray (the default distributor)."""
     store = tmp_path_factory.mktemp("cluster_ref") / "ref.zarr"
     summary = extract(ExtractConfig(manifest=corpus, store=store, encoder="demo-tiny", pretrained="none",
                                     frames=FRAMES, batch_size=16))

@@ -45,7 +45,7 @@ def _extract(manifest: Path, store: Path) -> object:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory, ray_cluster):
+def made(tmp_path_factory):
     """5 demo videos + one broken file, shard size 2 (3 shards), extracted once."""
     root = tmp_path_factory.mktemp("curate")
     make_demo_corpus(root, n_videos=5, seed=2)
@@ -153,7 +153,7 @@ def test_rebuild_failed_after_fixing_the_file(made, tmp_path):
     np.testing.assert_array_equal(g["tokens"][broken.row], g["tokens"][good.row])
 
 
-def test_growth_extracts_only_new_shards(tmp_path, ray_cluster):
+def test_growth_extracts_only_new_shards(tmp_path):
     make_demo_corpus(tmp_path, n_videos=6, seed=4)
     ids = sorted(json.loads((tmp_path / "labels.json").read_text()))
     manifest = tmp_path / "manifest"

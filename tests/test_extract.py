@@ -2,7 +2,9 @@
 
 References are independent of the pipeline: frames read directly with decord, cropped and
 normalised with torchvision, encoded by open_clip's own vision-tower forward; frame indices
-from the sampling formula written out here.
+from the sampling formula written out here. The default distributor (this machine's processes)
+makes the reference store; the Ray distributor (`--ray-address`, the session's cluster) must
+make the same bytes, and the fault tests run on both.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _extract(manifest: Path, store: Path, **kw) -> object:
 
 
 @pytest.fixture(scope="module")
-def store_all(corpus, ray_cluster, tmp_path_factory):
+def store_all(corpus, tmp_path_factory):
     root, manifests = corpus
     store = tmp_path_factory.mktemp("stores") / "all.zarr"
     summary = _extract(manifests["all"], store)
@@ -226,7 +228,7 @@ def test_incompatible_store_is_refused(store_all, corpus):
         _extract(corpus[1]["good"], store)
 
 
-def test_keyframe_sampling_and_penultimate_layer(corpus, ray_cluster, tmp_path, reference_tower):
+def test_keyframe_sampling_and_penultimate_layer(corpus, tmp_path, reference_tower):
     store = tmp_path / "key.zarr"
     _extract(corpus[1]["good"], store, sampling="keyframe", layer=-2)
     manifest = load_manifest(corpus[1]["good"])
@@ -242,46 +244,92 @@ def test_keyframe_sampling_and_penultimate_layer(corpus, ray_cluster, tmp_path, 
         np.testing.assert_allclose(g["tokens"][entry.row].astype(np.float32), ref, rtol=2e-3, atol=3e-3)
 
 
-def test_hung_decoder_is_killed_and_recorded(tmp_path, ray_cluster):
-    """A FIFO never delivers a byte: the decoder blocks in native code until it is killed."""
+@pytest.fixture(params=["local", "ray"])
+def distributor(request) -> dict:
+    """ExtractConfig keywords for each distributor: this machine's processes, the session's Ray."""
+    return {} if request.param == "local" else {"ray_address": request.getfixturevalue("ray_cluster")}
+
+
+def _corpus_with_fifos(tmp_path: Path, video_ids: tuple[str, ...], fifos: tuple[str, ...]) -> Path:
+    """A manifest of `video_ids`, in order; those in `fifos` are FIFOs, which block a reader
+    (in native code) until a writer opens them; the others are 10-frame videos."""
     root = tmp_path / "videos"
     root.mkdir()
-    _write_video(root / "fine.mp4", 10)
-    (root / "hangs.mp4").write_bytes(b"placeholder")
+    for video_id in video_ids:
+        if video_id in fifos:
+            (root / f"{video_id}.mp4").write_bytes(b"placeholder")  # the manifest wants a file
+        else:
+            _write_video(root / f"{video_id}.mp4", 10)
     instructions = tmp_path / "i.json"
-    instructions.write_text(json.dumps([{"q": "q?", "a": "a.", "video_id": v} for v in ("fine", "hangs")]))
+    instructions.write_text(json.dumps([{"q": "q?", "a": "a.", "video_id": v} for v in video_ids]))
     build_manifest(ManifestConfig(instructions, root, tmp_path / "m"))
-    (root / "hangs.mp4").unlink()
-    os.mkfifo(root / "hangs.mp4")
-    cfg = ExtractConfig(manifest=tmp_path / "m", store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
-                        frames=F, decode_timeout_s=4)
+    for video_id in fifos:
+        (root / f"{video_id}.mp4").unlink()
+        os.mkfifo(root / f"{video_id}.mp4")
+    return tmp_path / "m"
+
+
+def _failures(store: Path) -> dict[str, str]:
+    commit = json.loads((store / "commits" / "shard-000000.json").read_text())
+    return {f["video_id"]: f["reason"] for f in commit["failures"]}
+
+
+def test_hung_decoder_is_killed_and_recorded(tmp_path, distributor):
+    """A FIFO never delivers a byte: the decoder blocks in native code until it is killed."""
+    manifest = _corpus_with_fifos(tmp_path, ("fine", "hangs"), ("hangs",))
+    cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
+                        frames=F, decode_timeout_s=8, **distributor)
     summary = extract(cfg)
     assert (summary.ok, summary.failed) == (1, 1)
-    commit = json.loads((tmp_path / "s.zarr" / "commits" / "shard-000000.json").read_text())
-    assert commit["failures"][0]["video_id"] == "hangs"
-    assert "timed out" in commit["failures"][0]["reason"]
+    failures = _failures(tmp_path / "s.zarr")
+    assert list(failures) == ["hangs"] and "timed out" in failures["hangs"]
 
 
-def test_a_healthy_video_queued_behind_hung_decoders_is_not_killed(tmp_path, ray_cluster):
-    """Two hung decodes hold both CPUs of the test cluster for the whole deadline; the healthy
-    video queued behind them starts only when they are killed, and its deadline starts then."""
-    root = tmp_path / "videos"
-    root.mkdir()
-    _write_video(root / "fine.mp4", 10)
-    for name in ("hang_a", "hang_b"):
-        (root / f"{name}.mp4").write_bytes(b"placeholder")
-    instructions = tmp_path / "i.json"
-    instructions.write_text(json.dumps([{"q": "q?", "a": "a.", "video_id": v} for v in ("hang_a", "hang_b", "fine")]))
-    build_manifest(ManifestConfig(instructions, root, tmp_path / "m"))
-    for name in ("hang_a", "hang_b"):
-        (root / f"{name}.mp4").unlink()
-        os.mkfifo(root / f"{name}.mp4")
-    cfg = ExtractConfig(manifest=tmp_path / "m", store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
-                        frames=F, decoders=3, decode_timeout_s=4)
+def test_a_healthy_video_queued_behind_hung_decoders_is_not_killed(tmp_path, distributor):
+    """Two hung decodes hold both decoders (both CPUs of the test cluster) for the whole
+    deadline; the healthy video queued behind them starts only when they are killed, and its
+    deadline starts then."""
+    manifest = _corpus_with_fifos(tmp_path, ("hang_a", "hang_b", "fine"), ("hang_a", "hang_b"))
+    cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
+                        frames=F, decoders=2 if not distributor else 3, decode_timeout_s=8, **distributor)
     summary = extract(cfg)
-    commit = json.loads((tmp_path / "s.zarr" / "commits" / "shard-000000.json").read_text())
-    assert {f["video_id"] for f in commit["failures"]} == {"hang_a", "hang_b"}
+    assert set(_failures(tmp_path / "s.zarr")) == {"hang_a", "hang_b"}
     assert (summary.ok, summary.failed) == (1, 2)
+
+
+def _readers_of(path: Path) -> list[int]:
+    """Processes other than this one that hold `path` open."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int(proc.name) != os.getpid() and any(fd.resolve() == path for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_decoder_killed_mid_decode_fails_its_row_and_the_job_goes_on(tmp_path, distributor):
+    """SIGKILL the process decoding a video (found by the file it holds open): that row is
+    recorded as a crashed decode, the rows after it are decoded by a replacement."""
+    manifest = _corpus_with_fifos(tmp_path, ("killed", "after_a", "after_b"), ("killed",))
+    fifo = (tmp_path / "videos" / "killed.mp4").resolve()
+    cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
+                        frames=F, decoders=1, decode_timeout_s=60, **distributor)
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=extract(cfg)))
+    job.start()
+    with fifo.open("wb"):  # returns once the decoder opened the FIFO; it then waits for bytes
+        deadline = time.monotonic() + 30
+        while not (readers := _readers_of(fifo)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(readers) == 1, readers
+        os.kill(readers[0], signal.SIGKILL)
+        job.join(timeout=60)
+    assert not job.is_alive()
+    assert (result["summary"].ok, result["summary"].failed) == (2, 1)
+    failures = _failures(tmp_path / "s.zarr")
+    assert list(failures) == ["killed"] and "crashed" in failures["killed"], failures
 
 
 def test_a_killed_encoder_actor_is_replaced_and_the_job_completes(store_all, corpus, ray_cluster, tmp_path):
@@ -291,7 +339,7 @@ def test_a_killed_encoder_actor_is_replaced_and_the_job_completes(store_all, cor
     store = tmp_path / "victim.zarr"
     result: dict = {}
     cfg = ExtractConfig(manifest=corpus[1]["all"], store=store, encoder="demo-tiny", pretrained="none", frames=F,
-                        batch_size=6, decoders=1, decode_timeout_s=30)
+                        batch_size=6, decoders=1, decode_timeout_s=30, ray_address=ray_cluster)
     job = threading.Thread(target=lambda: result.update(summary=extract(cfg)))
     job.start()
     killed = None
@@ -327,12 +375,38 @@ def _kill_process_titled(prefix: str, gcs_address: str) -> int | None:
     return None
 
 
-def test_kill_9_then_rerun_gives_identical_tokens(store_all, corpus, ray_cluster, tmp_path):
+def _descendants(pid: int) -> set[int]:
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_then_rerun_gives_identical_tokens(store_all, corpus, distributor, tmp_path):
+    """SIGKILL the job once a shard is committed: none of its processes outlive it (a decoder
+    mid-video included), its leases (--lease-expiry 5) hold its shards only that long, and the
+    rerun makes the undisturbed store's bytes."""
     reference, _ = store_all
     store = tmp_path / "killed.zarr"
     cmd = [sys.executable, str(ROOT / "run_extract.py"), "extract", "--manifest", str(corpus[1]["all"]),
            "--store", str(store), "--encoder", "demo-tiny", "--pretrained", "none", "--frames", str(F),
-           "--batch-size", "6", "--ray-address", ray_cluster]
+           "--batch-size", "6", "--lease-expiry", "5",
+           *(["--ray-address", distributor["ray_address"]] if distributor else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n_shards = load_manifest(corpus[1]["all"]).n_shards
     deadline = time.monotonic() + 120
@@ -340,24 +414,32 @@ def test_kill_9_then_rerun_gives_identical_tokens(store_all, corpus, ray_cluster
         if store.exists() and list((store / "commits").glob("*.json")):
             break
         time.sleep(0.05)
+    children = _descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed_at = time.monotonic()
     committed = len(list((store / "commits").glob("*.json")))
     assert 1 <= committed < n_shards, "the kill did not land mid-job"
+    while (left := {pid for pid in children if _alive(pid)}) and time.monotonic() < killed_at + 10:
+        time.sleep(0.1)
+    assert not left, f"processes of the killed job outlived it: {left}"
     summary = _extract(corpus[1]["all"], store)
     assert summary.shards_written == n_shards - committed
+    assert time.monotonic() - killed_at < 5 + 30, "the killed job's leases held its shards past their expiry"
     a, b = zarr.open_group(reference, mode="r"), zarr.open_group(store, mode="r")
     for name in ("tokens", "frame_index", "n_frames", "status"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
 def test_two_jobs_on_one_store_share_the_shards_and_both_finish(store_all, corpus, ray_cluster, tmp_path):
+    """One job on Ray, one on this machine's processes, started together on one store."""
     reference, _ = store_all
     store = tmp_path / "shared.zarr"
     cmd = [sys.executable, str(ROOT / "run_extract.py"), "extract", "--manifest", str(corpus[1]["all"]),
            "--store", str(store), "--encoder", "demo-tiny", "--pretrained", "none", "--frames", str(F),
-           "--batch-size", "6", "--decoders", "1", "--ray-address", ray_cluster]
-    jobs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+           "--batch-size", "6", "--decoders", "1"]
+    jobs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for c in (cmd + ["--ray-address", ray_cluster], cmd)]
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outputs
     written = [int(out.split("wrote ")[1].split(" shards")[0]) if "wrote " in out else 0 for out in outputs]
@@ -369,7 +451,7 @@ def test_two_jobs_on_one_store_share_the_shards_and_both_finish(store_all, corpu
         np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
-def test_a_dead_jobs_lease_holds_its_shard_only_until_it_expires(corpus, ray_cluster, tmp_path):
+def test_a_dead_jobs_lease_holds_its_shard_only_until_it_expires(corpus, tmp_path):
     from pipeline.lease import ShardLease
     from pipeline.storage import StoreLocation
 
@@ -386,7 +468,7 @@ def test_a_dead_jobs_lease_holds_its_shard_only_until_it_expires(corpus, ray_clu
     assert json.loads((store / "commits" / "shard-000000.json").read_text())["node"] != "gone"
 
 
-def test_real_size_vit_b_16(corpus, ray_cluster, tmp_path):
+def test_real_size_vit_b_16(corpus, tmp_path):
     root, _ = corpus
     ids = sorted(json.loads((root / "labels.json").read_text()))[:2]
     instructions = tmp_path / "i.json"

@@ -83,17 +83,18 @@ def corpus(s3, tmp_path_factory):
     return root, instructions, manifests
 
 
-def _extract(manifest: Path, store: str | Path) -> object:
+def _extract(manifest: Path, store: str | Path, **kw) -> object:
     return extract(ExtractConfig(manifest=manifest, store=store, encoder="demo-tiny", pretrained="none", frames=F,
-                                 batch_size=16, decode_timeout_s=60))
+                                 batch_size=16, decode_timeout_s=60, **kw))
 
 
 @pytest.fixture(scope="module")
 def stores(corpus, ray_cluster):
-    """The corpus from local disk into a local store, and from S3 into the store at STORE."""
+    """The corpus from local disk into a local store (this machine's processes), and from S3
+    into the store at STORE (on the session's Ray cluster, whose workers reach S3 themselves)."""
     root, _, manifests = corpus
     local = root / "local.zarr"
-    summaries = _extract(manifests["local"], local), _extract(manifests["s3"], STORE)
+    summaries = _extract(manifests["local"], local), _extract(manifests["s3"], STORE, ray_address=ray_cluster)
     for summary in summaries:
         assert (summary.shards_written, summary.ok, summary.failed) == (3, 4, 1), summary
     return local

@@ -206,7 +206,7 @@ def test_status_and_the_trainer_reader_count_as_the_synthetic_data(scale, tmp_pa
     np.testing.assert_array_equal(got, _tokens(np.array(rows), 37, 64))
 
 
-def test_verify_names_the_broken_shards_and_rebuild_redoes_exactly_them(scale, tmp_path, ray_cluster):
+def test_verify_names_the_broken_shards_and_rebuild_redoes_exactly_them(scale, tmp_path):
     assert verify(scale.store, scale.manifest) == []
 
     work = _copy(scale.store, tmp_path / "work.zarr")
