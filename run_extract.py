@@ -9,6 +9,7 @@ Heavy modules (torch, ray, open_clip) are imported only by the subcommand that n
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import logging
 import os
@@ -252,5 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_now(code: int) -> None:
+    """Exit once the command is over: at-exit handlers run, logs and stdio are flushed, then the
+    interpreter's teardown is skipped. Dismantling torch, open_clip and their imports module by
+    module takes over a second on a small machine, after every file is written and every
+    process stopped."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -26,7 +26,9 @@ F=8 frames per video uniformly (`pipeline.sampling.uniform_indices`):
 
 Rows 1, 2, 3, 3b and 5 run `--repeats` times, interleaved round-robin with the order reversed on
 every other pass, so that load from elsewhere on the machine hits all alike; the table shows
-the median and the minimum seconds and videos/s at the median. The ratios (of medians) and
+the median and the minimum seconds, videos/s at the median, and the median CPU seconds of all
+the row's processes (user + system, from `getrusage(RUSAGE_CHILDREN)`: steadier than wall time
+on a shared VM, and it shows what a row costs beyond decoding). The ratios (of medians) and
 their bars: serial / job64 ("speedup vs serial") >= 1.5, limit / job64 ("fraction of the
 limit") >= 0.85, job8 / job64 ("8-video shards slowdown") <= 1.10, and the rerun < 3 s. So that a
 fast but broken job cannot look good, every job store is checked with `run_extract.py status
@@ -60,6 +62,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import resource
 import shutil
 import statistics
 import subprocess
@@ -216,14 +219,23 @@ def encoder_image_size() -> int:
 
 # --- subprocesses -------------------------------------------------------------------------------
 
-def run(cmd: list[str], logs: Path, name: str) -> tuple[float, str]:
+def cpu_of_children() -> float:
+    """CPU seconds (user + system) of the finished, reaped subprocesses and their descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(cmd: list[str], logs: Path, name: str, cpu: list[float] | None = None) -> tuple[float, str]:
     """Run `cmd` in the repository root with stdout and stderr to logs/NAME.{out,err}; return
-    (seconds from start to exit, stdout). A non-zero exit raises BenchError with the tail."""
+    (seconds from start to exit, stdout), and append its CPU seconds (all its processes that
+    were reaped) to `cpu`. A non-zero exit raises BenchError with the tail."""
     out, err = logs / f"{name}.out", logs / f"{name}.err"
     with out.open("w") as stdout, err.open("w") as stderr:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_of_children()
         proc = subprocess.run(cmd, cwd=REPO, stdout=stdout, stderr=stderr)
         elapsed = time.perf_counter() - start
+        if cpu is not None:
+            cpu.append(cpu_of_children() - cpu_start)
     if proc.returncode:
         tail = "\n".join((out.read_text() + err.read_text()).splitlines()[-30:])
         raise BenchError(f"`{' '.join(cmd)}` exited with {proc.returncode}; the end of its output:\n{tail}")
@@ -304,13 +316,14 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
     fresh = {"serial": serial_out, **stores}  # outputs removed before each timed run
 
     samples: dict[str, list[float]] = {key: [] for key in ROWS}
+    cpu_samples: dict[str, list[float]] = {key: [] for key in ROWS}
     statuses = []
     for repeat in range(args.repeats):
         order = list(ROWS) if repeat % 2 == 0 else list(reversed(ROWS))
         for key in order:
             if key in fresh:
                 shutil.rmtree(fresh[key], ignore_errors=True)
-            seconds, _ = run(commands[key], logs, f"{key}-{repeat}")
+            seconds, _ = run(commands[key], logs, f"{key}-{repeat}", cpu_samples[key])
             samples[key].append(seconds)
             log(f"[repeat {repeat + 1}/{args.repeats}] {ROWS[key]}: {seconds:.1f} s ({n / seconds:.2f} videos/s)")
             if key in stores:
@@ -358,6 +371,7 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
         "repeats": args.repeats,
         "rows": {key: {"label": label, "median_s": round(median[key], 2), "min_s": round(min(samples[key]), 2),
                        "videos_per_s": round(n / median[key], 3), "samples_s": [round(v, 2) for v in samples[key]],
+                       "cpu_s_median": round(statistics.median(cpu_samples[key]), 1),
                        "command": " ".join(commands[key])}
                  for key, label in ROWS.items()},
         "rerun": {"label": RERUN_LABEL, "seconds": round(rerun_s, 2), "stdout": rerun_stdout.strip()},
@@ -377,12 +391,12 @@ def check(label: str, value: float, op: str, bar: float) -> dict:
 
 def print_table(result: dict) -> None:
     rows, n = result["rows"], result["videos"]
-    print("| row | median s | min s | videos/s (median) | runs |")
-    print("|---|---|---|---|---|")
+    print("| row | median s | min s | videos/s (median) | CPU s (median) | runs |")
+    print("|---|---|---|---|---|---|")
     for row in rows.values():
         print(f"| {row['label']} | {row['median_s']:.1f} | {row['min_s']:.1f} | {row['videos_per_s']:.2f} "
-              f"| {len(row['samples_s'])} |")
-    print(f"| {result['rerun']['label']} | {result['rerun']['seconds']:.1f} | | | 1 |")
+              f"| {row['cpu_s_median']:.1f} | {len(row['samples_s'])} |")
+    print(f"| {result['rerun']['label']} | {result['rerun']['seconds']:.1f} | | | | 1 |")
     print()
     print("| check | value | bar | result |")
     print("|---|---|---|---|")

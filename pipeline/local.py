@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 DecodeRequest = tuple[str, VideoEntry, DecodeSpec]  # (video root, row, spec)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HUNG, DIED = object(), object()  # what a decoder process gave instead of an outcome
-PREFETCH_PER_DECODER, PREFETCH_MAX = 8, 256  # rows decoded while the encoders load (~5 s here)
+PREFETCH_MAX = 256  # rows decoded at most while the encoders load (2-10 s)
 
 
 class DecodePool:
@@ -62,7 +62,10 @@ class DecodePool:
         self.prefetched: dict[DecodeRequest, Future] = {}
         self.lock = threading.Lock()
         self.retiring = 0
-        self.slots = [threading.Thread(target=self._slot, name=f"decoder-{i}", daemon=True) for i in range(n)]
+        self.closing = False
+        self.processes: list[subprocess.Popen | None] = [None] * n
+        self.slots = [threading.Thread(target=self._slot, args=(i,), name=f"decoder-{i}", daemon=True)
+                      for i in range(n)]
         for slot in self.slots:
             slot.start()
 
@@ -87,8 +90,21 @@ class DecodePool:
             self.retiring += min(n, len(self.slots) - 1)
 
     def close(self) -> None:
+        """Drop the requests nobody took (unused prefetches), kill every decoder, even one
+        mid-video, and end the threads."""
+        self.closing = True
+        while True:
+            try:
+                item = self.requests.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1].cancel()
         for _ in self.slots:
             self.requests.put(None)
+        for process in self.processes:
+            if process is not None:
+                process.kill()
         for slot in self.slots:
             slot.join()
         self.prefetched.clear()
@@ -100,35 +116,40 @@ class DecodePool:
                 return True
             return False
 
-    @staticmethod
-    def _start() -> tuple[subprocess.Popen, Connection]:
+    def _start(self, i: int) -> Connection:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}
-        process = subprocess.Popen([sys.executable, "-m", "pipeline.decoder_process", str(theirs.fileno())],
-                                   pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # reasons come by socket
+        self.processes[i] = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.decoder_process", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # reasons: socket
         theirs.close()
-        return process, Connection(ours.detach())
+        return Connection(ours.detach())
 
-    def _slot(self) -> None:
-        process, conn = self._start()
+    def _stop(self, i: int, conn: Connection) -> int:
+        """Kill slot i's process (whatever it is doing); its exit code."""
+        conn.close()
+        process = self.processes[i]
+        process.kill()
+        return process.wait()
+
+    def _slot(self, i: int) -> None:
+        conn = self._start(i)
         try:
             while not self._retires() and (item := self.requests.get()) is not None:
                 request, done = item
                 outcome = self._decode(conn, request)
+                if self.closing:
+                    done.cancel()
+                    break
                 if outcome is HUNG or outcome is DIED:  # replace the process
-                    process.kill()
-                    code = process.wait()
-                    conn.close()
-                    process, conn = self._start()
+                    code = self._stop(i, conn)
+                    conn = self._start(i)
                     outcome = f"decode timed out after {self.timeout_s:g} s (killed)" if outcome is HUNG \
                         else f"decoder crashed (exit code {code})"
                 done.set_result(outcome)
         finally:
-            conn.close()
-            process.kill()
-            process.wait()
+            self._stop(i, conn)
 
     def _decode(self, conn: Connection, request: DecodeRequest) -> DecodedVideo | str | object:
         """The row's outcome, or HUNG (no answer by the deadline) or DIED (the process ended)."""
@@ -187,6 +208,7 @@ class LocalDistributor:
         self.timeout_s = timeout_s
         self.encoders: list[BatchingEncoder] = []
         self.pool: DecodePool | None = None
+        self.loaded = threading.Event()  # the encoders are up: the warm-up stops
         self._gpus: int | None = None
 
     def __enter__(self) -> LocalDistributor:
@@ -194,17 +216,28 @@ class LocalDistributor:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.loaded.set()
         for encoder in self.encoders:
             encoder.close()
         if self.pool is not None:
             self.pool.close()
 
     def warm_up(self, video_root: str, entries: Iterable[VideoEntry], spec: DecodeSpec) -> None:
-        """Decode the first of `entries` (the rows the first shards will ask for) with `spec`,
-        a guess until the encoder loads: a shard that asks for the same row and spec takes it."""
+        """Decode `entries` (the rows the first shards will ask for, in order) with `spec`, a
+        guess, until the encoders have loaded: a shard that asks for the same row and spec takes
+        the result. Fed a few at a time, so the decoders stay busy however long the load takes."""
         assert self.pool is not None, "use LocalDistributor as a context manager"
-        first = itertools.islice(entries, min(PREFETCH_PER_DECODER * self.slots, PREFETCH_MAX))
-        self.pool.prefetch([(video_root, entry, spec) for entry in first])
+        pool = self.pool
+
+        def feed() -> None:
+            for entry in itertools.islice(entries, PREFETCH_MAX):
+                while pool.requests.qsize() >= self.slots and not self.loaded.is_set():
+                    self.loaded.wait(0.05)
+                if self.loaded.is_set():
+                    return
+                pool.prefetch([(video_root, entry, spec)])
+
+        threading.Thread(target=feed, name="warm-up", daemon=True).start()
 
     @property
     def gpus(self) -> int:
@@ -231,6 +264,7 @@ class LocalDistributor:
                 raise ExtractError(f"the encoder loaded here is not the store's (other weights in the cache?): "
                                    f"{encoder.attrs} vs fingerprint {fingerprint}")
             self.encoders.append(BatchingEncoder(encoder, self.batch_size))
+        self.loaded.set()
         return self.encoders[0].encoder.attrs
 
     def run(self, template: dict[str, Any], shards: Iterable[Task], n_videos: int,
