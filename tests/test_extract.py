@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -309,6 +308,26 @@ def _readers_of(path: Path) -> list[int]:
     return pids
 
 
+def _open_for_writing_once_read(fifo: Path, timeout_s: float = 60) -> int:
+    """A write end of `fifo`, opened as soon as some process opens it for reading (the decoder,
+    which then waits for bytes that never come); fails the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            assert time.monotonic() < deadline, f"nobody opened {fifo}"
+            time.sleep(0.05)
+
+
+def _the_reader_of(path: Path, timeout_s: float = 30) -> int:
+    deadline = time.monotonic() + timeout_s
+    while not (readers := _readers_of(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(readers) == 1, readers
+    return readers[0]
+
+
 def test_a_decoder_killed_mid_decode_fails_its_row_and_the_job_goes_on(tmp_path, distributor):
     """SIGKILL the process decoding a video (found by the file it holds open): that row is
     recorded as a crashed decode, the rows after it are decoded by a replacement."""
@@ -319,17 +338,40 @@ def test_a_decoder_killed_mid_decode_fails_its_row_and_the_job_goes_on(tmp_path,
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=extract(cfg)))
     job.start()
-    with fifo.open("wb"):  # returns once the decoder opened the FIFO; it then waits for bytes
-        deadline = time.monotonic() + 30
-        while not (readers := _readers_of(fifo)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(readers) == 1, readers
-        os.kill(readers[0], signal.SIGKILL)
+    writer = _open_for_writing_once_read(fifo)
+    try:
+        os.kill(_the_reader_of(fifo), signal.SIGKILL)
         job.join(timeout=60)
+    finally:
+        os.close(writer)
     assert not job.is_alive()
     assert (result["summary"].ok, result["summary"].failed) == (2, 1)
     failures = _failures(tmp_path / "s.zarr")
     assert list(failures) == ["killed"] and "crashed" in failures["killed"], failures
+
+
+def test_a_killed_job_leaves_no_decoder_behind_not_even_one_stuck(tmp_path):
+    """SIGKILL a one-machine job while its decoder is stuck reading (a FIFO that never
+    delivers, held open here): the decoder dies with the job."""
+    manifest = _corpus_with_fifos(tmp_path, ("stuck",), ("stuck",))
+    fifo = (tmp_path / "videos" / "stuck.mp4").resolve()
+    cmd = [sys.executable, str(ROOT / "run_extract.py"), "extract", "--manifest", str(manifest),
+           "--store", str(tmp_path / "s.zarr"), "--encoder", "demo-tiny", "--pretrained", "none",
+           "--frames", str(F), "--decode-timeout", "600"]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writer = _open_for_writing_once_read(fifo)
+    try:
+        decoder = _the_reader_of(fifo)
+        assert decoder in _descendants(job.pid)
+        job.kill()
+        job.wait()
+        deadline = time.monotonic() + 10
+        while _alive(decoder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(decoder), "the decoder outlived the killed job"
+    finally:
+        os.close(writer)
+        job.kill()
 
 
 def test_a_killed_encoder_actor_is_replaced_and_the_job_completes(store_all, corpus, ray_cluster, tmp_path):
