@@ -47,8 +47,9 @@ processes, one per core: never in a process that has imported decord, whose bund
 PyAV would otherwise run on. Then an instruction file in VideoInstruct-100K's flat format
 (`[{"video_id", "q", "a"}, ...]`) and the two manifests, made with `run_extract.py manifest`.
 
-Reproduce (bench/results/extract_speed_cpu_before.json is this command's output on the project's
-2-core CPU box at commit 07c357e, before the extraction job was reworked):
+Reproduce (bench/results/extract_speed_cpu.json is this command with `--repeats 3` on the project's
+2-core CPU box; extract_speed_cpu_before.json is its output at commit 07c357e, before the
+extraction job was reworked, without the Ray row and the CPU column):
 
     .venv/bin/python bench/extract_speed.py --work /tmp/vidcache-bench-extract --json extract_speed.json
 

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 # Run in a fresh interpreter: a two-node cluster (head and one more node, one CPU each, temp files
 # under a short directory: Ray's socket paths must stay under 107 bytes), the job run on it
-# in-process (`extract` reuses the Ray session it finds), then both shut down in that order.
+# in-process (`extract` with its address reuses the Ray session it finds), then both shut down.
 TWO_NODE_JOB = r"""
 import json, sys
 import ray
@@ -56,7 +56,7 @@ try:
     try:
         nodes = [f"{n['NodeManagerAddress']}/{n['NodeID']}" for n in ray.nodes() if n["Alive"]]
         summary = extract(ExtractConfig(manifest=manifest, store=store, encoder="demo-tiny", pretrained="none",
-                                        frames=int(frames), batch_size=16))
+                                        frames=int(frames), batch_size=16, ray_address=cluster.address))
         print("RESULT " + json.dumps({"nodes": nodes, "written": summary.shards_written,
                                       "ok": summary.ok, "failed": summary.failed, "left": summary.left_pending}))
     finally:

@@ -249,9 +249,9 @@ def distributor(request) -> dict:
     return {} if request.param == "local" else {"ray_address": request.getfixturevalue("ray_cluster")}
 
 
-def _corpus_with_fifos(tmp_path: Path, video_ids: tuple[str, ...], fifos: tuple[str, ...]) -> Path:
-    """A manifest of `video_ids`, in order; those in `fifos` are FIFOs, which block a reader
-    (in native code) until a writer opens them; the others are 10-frame videos."""
+def _corpus_with_fifos(tmp_path: Path, video_ids: tuple[str, ...], fifos: tuple[str, ...], shard_size: int = 64) -> Path:
+    """A manifest of `video_ids` (its rows are in id order); those in `fifos` are FIFOs, which
+    block a reader (in native code) until a writer opens them; the others are 10-frame videos."""
     root = tmp_path / "videos"
     root.mkdir()
     for video_id in video_ids:
@@ -261,7 +261,7 @@ def _corpus_with_fifos(tmp_path: Path, video_ids: tuple[str, ...], fifos: tuple[
             _write_video(root / f"{video_id}.mp4", 10)
     instructions = tmp_path / "i.json"
     instructions.write_text(json.dumps([{"q": "q?", "a": "a.", "video_id": v} for v in video_ids]))
-    build_manifest(ManifestConfig(instructions, root, tmp_path / "m"))
+    build_manifest(ManifestConfig(instructions, root, tmp_path / "m", shard_size=shard_size))
     for video_id in fifos:
         (root / f"{video_id}.mp4").unlink()
         os.mkfifo(root / f"{video_id}.mp4")
@@ -269,8 +269,9 @@ def _corpus_with_fifos(tmp_path: Path, video_ids: tuple[str, ...], fifos: tuple[
 
 
 def _failures(store: Path) -> dict[str, str]:
-    commit = json.loads((store / "commits" / "shard-000000.json").read_text())
-    return {f["video_id"]: f["reason"] for f in commit["failures"]}
+    """video id -> reason, from every commit record."""
+    commits = [json.loads(path.read_text()) for path in sorted((store / "commits").glob("shard-*.json"))]
+    return {f["video_id"]: f["reason"] for commit in commits for f in commit["failures"]}
 
 
 def test_hung_decoder_is_killed_and_recorded(tmp_path, distributor):
@@ -286,9 +287,10 @@ def test_hung_decoder_is_killed_and_recorded(tmp_path, distributor):
 
 def test_a_healthy_video_queued_behind_hung_decoders_is_not_killed(tmp_path, distributor):
     """Two hung decodes hold both decoders (both CPUs of the test cluster) for the whole
-    deadline; the healthy video queued behind them starts only when they are killed, and its
-    deadline starts then."""
-    manifest = _corpus_with_fifos(tmp_path, ("hang_a", "hang_b", "fine"), ("hang_a", "hang_b"))
+    deadline; the healthy video queued behind them (one-video shards: all three are asked for at
+    once) starts only when they are killed, and its deadline starts then."""
+    manifest = _corpus_with_fifos(tmp_path, ("hang_a", "hang_b", "ok_after"), ("hang_a", "hang_b"), shard_size=1)
+    assert [e.video_id for e in load_manifest(manifest).videos] == ["hang_a", "hang_b", "ok_after"]  # row order
     cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
                         frames=F, decoders=2 if not distributor else 3, decode_timeout_s=8, **distributor)
     summary = extract(cfg)
@@ -331,8 +333,8 @@ def _the_reader_of(path: Path, timeout_s: float = 30) -> int:
 def test_a_decoder_killed_mid_decode_fails_its_row_and_the_job_goes_on(tmp_path, distributor):
     """SIGKILL the process decoding a video (found by the file it holds open): that row is
     recorded as a crashed decode, the rows after it are decoded by a replacement."""
-    manifest = _corpus_with_fifos(tmp_path, ("killed", "after_a", "after_b"), ("killed",))
-    fifo = (tmp_path / "videos" / "killed.mp4").resolve()
+    manifest = _corpus_with_fifos(tmp_path, ("a_killed", "b_after", "c_after"), ("a_killed",))
+    fifo = (tmp_path / "videos" / "a_killed.mp4").resolve()
     cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
                         frames=F, decoders=1, decode_timeout_s=60, **distributor)
     result: dict = {}
@@ -347,7 +349,7 @@ def test_a_decoder_killed_mid_decode_fails_its_row_and_the_job_goes_on(tmp_path,
     assert not job.is_alive()
     assert (result["summary"].ok, result["summary"].failed) == (2, 1)
     failures = _failures(tmp_path / "s.zarr")
-    assert list(failures) == ["killed"] and "crashed" in failures["killed"], failures
+    assert list(failures) == ["a_killed"] and "crashed" in failures["a_killed"], failures
 
 
 def test_a_killed_job_leaves_no_decoder_behind_not_even_one_stuck(tmp_path):
