@@ -4,11 +4,11 @@ What it measures. Issue 11, point 2: the driver only schedules shards and reads 
 so its memory must not grow with the corpus: its peak RSS on manifests of 1k and 100k rows must
 be within 20% of each other. Each size is one real `pipeline.extract.extract` run in its own
 subprocess (the hidden `_driver` subcommand below), which starts its own local Ray cluster
-(`RAY_ADDRESS=local`: never one that another job on the machine started) and extracts every row
+(`--ray-address local`: never one that another job on the machine started) and extracts every row
 into a fresh store. The driver's memory is its own process only (Ray's raylet, object store and
 worker processes are other processes): `getrusage(RUSAGE_SELF).ru_maxrss` and `/proc/self/status`
 VmHWM at exit, plus VmRSS sampled every 0.5 s by a thread and read once more right after the
-shard loop (`pipeline.distributed.run`) returns, inside the cluster. The last figure is the one
+shard loop (`pipeline.distributed.RayDistributor.run`) returns, inside the cluster. The last figure is the one
 that growth would show first: the peak can be set before the loop, while the driver loads the
 encoder once to learn the attributes of a new store.
 
@@ -144,10 +144,9 @@ def run_driver(python: str, manifest: Path, store: Path, logs: Path, name: str, 
     out = logs / f"{name}.json"
     cmd = [python, str(Path(__file__).resolve()), "_driver", "--manifest", str(manifest), "--store", str(store),
            "--out", str(out)] + (["--tracemalloc"] if trace else [])
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a cluster of its own, never one found on the machine
     with (logs / f"{name}.log").open("w") as output:
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
         elapsed = time.perf_counter() - start
     if proc.returncode:
         tail = "\n".join((logs / f"{name}.log").read_text().splitlines()[-30:])
@@ -192,7 +191,7 @@ def driver_main(argv: list[str]) -> int:
                 snapshots["first"] = (tracemalloc.take_snapshot(), vm_kib("VmRSS"))
 
     after_loop: dict[str, int] = {}
-    real_run = distributed.run
+    real_run = distributed.RayDistributor.run
 
     def run(*a, **k):  # the shard loop, with the memory read as it returns (still inside the cluster)
         loop_start = vm_kib("VmRSS")
@@ -202,12 +201,12 @@ def driver_main(argv: list[str]) -> int:
             snapshots["last"] = (tracemalloc.take_snapshot(), vm_kib("VmRSS"))
         return totals
 
-    distributed.run = run
+    distributed.RayDistributor.run = run
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
     summary = extract(ExtractConfig(manifest=args.manifest, store=args.store, encoder=ENCODER, pretrained="none",
-                                    frames=FRAMES))
+                                    frames=FRAMES, ray_address="local"))  # a Ray cluster of its own
     extract_s = time.perf_counter() - t0
     stop.set()
     sampler.join()

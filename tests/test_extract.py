@@ -287,9 +287,11 @@ def test_hung_decoder_is_killed_and_recorded(tmp_path, distributor):
 
 def test_a_healthy_video_queued_behind_hung_decoders_is_not_killed(tmp_path, distributor):
     """Two hung decodes hold both decoders (both CPUs of the test cluster) for the whole
-    deadline; the healthy video queued behind them (one-video shards: all three are asked for at
-    once) starts only when they are killed, and its deadline starts then."""
-    manifest = _corpus_with_fifos(tmp_path, ("hang_a", "hang_b", "ok_after"), ("hang_a", "hang_b"), shard_size=1)
+    deadline; the healthy video queued behind them starts only when they are killed, and its
+    deadline starts then. All three are asked for at once: on Ray by one shard with three decode
+    slots (Ray queues the third), here by three one-video shards (the pool queues the third)."""
+    manifest = _corpus_with_fifos(tmp_path, ("hang_a", "hang_b", "ok_after"), ("hang_a", "hang_b"),
+                                  shard_size=64 if distributor else 1)
     assert [e.video_id for e in load_manifest(manifest).videos] == ["hang_a", "hang_b", "ok_after"]  # row order
     cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
                         frames=F, decoders=2 if not distributor else 3, decode_timeout_s=8, **distributor)
