@@ -1,6 +1,10 @@
 """The video language model: MiniMind LM, VideoSummary, projector, VideoLM, generation, and
 loading pretrained LMs. Plain PyTorch; nothing here reads videos or runs CLIP."""
 
+from pipeline.torch_guard import guard_torch
+
+guard_torch()  # before torch: see pipeline.torch_guard
+
 from model.config import (
     GenerationConfig,
     LMConfig,

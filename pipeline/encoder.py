@@ -29,6 +29,7 @@ import numpy as np
 from pipeline.errors import ExtractError
 from pipeline.preprocess import RESIZE_MODES, normalize
 from pipeline.store_format import encoder_fingerprint
+from pipeline.torch_guard import guard_torch
 
 if TYPE_CHECKING:  # torch is imported when a tower is loaded: the job's driver never needs it
     import torch
@@ -212,6 +213,7 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> Encoder:
     """Build the tower named by `spec` on `device`; one-line `ExtractError` for user mistakes."""
+    guard_torch()  # this process may have decoded (imported decord) already
     import open_clip
     import torch
 

@@ -15,6 +15,10 @@ Modules, one idea each:
     chat          `chat` (store row or video file, multi-turn, streamed) and `describe`
 """
 
+from pipeline.torch_guard import guard_torch
+
+guard_torch()  # before torch: see pipeline.torch_guard
+
 from trainer.chat import ChatConfig, DescribeConfig, chat, describe
 from trainer.errors import TrainerError
 from trainer.evaluate import EvalConfig, evaluate

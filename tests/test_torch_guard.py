@@ -1,0 +1,58 @@
+"""decord imported before torch (issue 12, environment hazards): decord2 preloads NVBLAS with
+RTLD_GLOBAL, and a torch loaded after it dies in its first CPU matrix product. Every package of
+the project, and `load_encoder`, import torch safely first (`pipeline.torch_guard`); checked in
+fresh interpreters that import decord first, against tokens computed here (torch imported
+first, by conftest.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.encoder import EncoderSpec, load_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES = "np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)"
+ENCODE = ("from pipeline.encoder import EncoderSpec, load_encoder\n"
+          f"tokens = load_encoder(EncoderSpec('demo-tiny', 'none')).encode({FRAMES})\n"
+          "sys.stdout.buffer.write(tokens.tobytes())\n")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys\nimport numpy as np\n" + code], cwd=ROOT,
+                          capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference() -> bytes:
+    return load_encoder(EncoderSpec("demo-tiny", "none")).encode(eval(FRAMES)).tobytes()  # noqa: S307 - our literal
+
+
+@pytest.mark.parametrize("first", ["import decord", "import decord; import model", "import decord; import trainer"])
+def test_decord_imported_first_then_the_project_encodes_the_same_tokens(first, reference):
+    proc = _run(first + "\n" + ENCODE)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout == reference
+
+
+def test_the_project_decodes_then_encodes_in_one_process(tmp_path, reference):
+    """The project's own order in `chat`-like code: a decode (decord) before the first encode."""
+    import av
+
+    path = tmp_path / "v.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(5):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), "rgb24")))
+        container.mux(stream.encode())
+    decode = ("from pipeline.decode import DecodeSpec, decode_video\n"
+              f"decode_video({str(path)!r}, DecodeSpec(2, 'uniform', 96))\n"
+              "assert 'decord' in sys.modules and 'torch' not in sys.modules\n")
+    proc = _run(decode + ENCODE)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout == reference
