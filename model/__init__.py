@@ -1,9 +1,9 @@
 """The video language model: MiniMind LM, VideoSummary, projector, VideoLM, generation, and
 loading pretrained LMs. Plain PyTorch; nothing here reads videos or runs CLIP."""
 
-from pipeline.torch_guard import guard_torch
+from torch_guard import guard_torch
 
-guard_torch()  # before torch: see pipeline.torch_guard
+guard_torch()  # before torch: see torch_guard.py
 
 from model.config import (
     GenerationConfig,

@@ -1,5 +1,5 @@
 """Extraction: decode (decord), encode (open_clip), the feature store, and the jobs that fill it."""
 
-from pipeline.torch_guard import guard_torch
+from torch_guard import guard_torch
 
 guard_torch()

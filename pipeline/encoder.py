@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.errors import ExtractError
 from pipeline.preprocess import RESIZE_MODES, normalize
 from pipeline.store_format import encoder_fingerprint
-from pipeline.torch_guard import guard_torch
+from torch_guard import guard_torch
 
 if TYPE_CHECKING:  # torch is imported when a tower is loaded: the job's driver never needs it
     import torch

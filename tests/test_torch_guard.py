@@ -1,6 +1,6 @@
 """decord imported before torch (issue 12, environment hazards): decord2 preloads NVBLAS with
 RTLD_GLOBAL, and a torch loaded after it dies in its first CPU matrix product. Every package of
-the project, and `load_encoder`, import torch safely first (`pipeline.torch_guard`); checked in
+the project, and `load_encoder`, import torch safely first (`torch_guard.py`); checked in
 fresh interpreters that import decord first, against tokens computed here (torch imported
 first, by conftest.py)."""
 

@@ -15,9 +15,9 @@ Modules, one idea each:
     chat          `chat` (store row or video file, multi-turn, streamed) and `describe`
 """
 
-from pipeline.torch_guard import guard_torch
+from torch_guard import guard_torch
 
-guard_torch()  # before torch: see pipeline.torch_guard
+guard_torch()  # before torch: see torch_guard.py
 
 from trainer.chat import ChatConfig, DescribeConfig, chat, describe
 from trainer.errors import TrainerError

@@ -11,7 +11,8 @@ when NVBLAS is already in the process and torch is not; otherwise it does nothin
 packages `pipeline`, `model` and `trainer` call it when imported, and `load_encoder` before
 it imports torch, so a script that imports decord first, or decodes with this project before
 it encodes, is safe. Plain `import decord; import torch` in a user's own code is not: import
-torch first there.
+torch first there. A module of its own, outside the packages: `model` imports nothing of
+`pipeline`, and `pipeline` must not import torch where it only decodes.
 """
 
 from __future__ import annotations
