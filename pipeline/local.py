@@ -1,8 +1,8 @@
 """The one-machine distributor (no `--ray-address`): decoder processes and in-process encoders.
 
-What img2dataset calls its multiprocessing distributor. A Ray cluster costs a 2-core machine
-about a third of its CPU time (its own daemons, worker start-up, task and object bookkeeping),
-so on one machine the same shard lifecycle (`pipeline.shard.take_shard`: lease, decode, encode,
+What img2dataset calls its multiprocessing distributor. Ray's daemons, worker start-up and
+task and object bookkeeping cost a small machine dearly (on 2 cores the same job took 44.9 s on
+Ray, 31.3 s here: bench/extract_speed.py), so on one machine the same shard lifecycle (`pipeline.shard.take_shard`: lease, decode, encode,
 write, commit) runs here on plain processes and threads:
 
 - decoders: one process per core the encoders do not reserve (every core on a CPU-only
