@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 from pipeline.storage import is_url, normalize
@@ -95,11 +95,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class UnsafePath(ValueError):
+    """A manifest path that would leave the video root (a hand-edited or hostile videos.jsonl)."""
+
+
 def video_location(root: Path | str, relative: str) -> Path | str:
-    """The file `relative` (POSIX) under a video root: a Path under a folder, a URL under a URL."""
+    """The file `relative` (POSIX) under a video root: a Path under a folder, a URL under a URL.
+    A path that would leave the root (absolute, `..`, or under a folder a symlink pointing
+    outside) raises `UnsafePath`: rows are checked when built, and again here when read."""
+    pure = PurePosixPath(relative)
+    if not relative or pure.is_absolute() or ".." in pure.parts or "\\" in relative:
+        raise UnsafePath(f"path {relative!r} escapes the video root")
     if is_url(root):
         return f"{str(root).rstrip('/')}/{relative}"
-    return Path(root) / relative
+    path = Path(root) / relative
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise UnsafePath(f"{relative} points outside the video root")
+    return path
 
 
 def cheap_fingerprint(path: str | os.PathLike[str], edge: int = 1 << 16, fs: Any = None,

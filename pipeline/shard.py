@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from manifests.manifest import VideoEntry, video_location
+from manifests.manifest import UnsafePath, VideoEntry, video_location
 from pipeline.decode import DecodedVideo, DecodeSpec, decode_file
 from pipeline.errors import DecodeError, StorageError
 from pipeline.lease import DEFAULT_TTL_S, ShardLease
@@ -95,7 +95,10 @@ def decode_entry(video_root: str, entry: VideoEntry, spec: DecodeSpec) -> Decode
     """Decode one manifest row (under a local folder or an fsspec URL, spooled to local disk
     first); a bad file, or one that cannot be fetched, gives its reason instead of raising. A
     reason names the file where it lies (the URL, not the spooled copy)."""
-    location = str(video_location(video_root, entry.path))
+    try:
+        location = str(video_location(video_root, entry.path))
+    except UnsafePath as err:  # a hand-edited videos.jsonl: never read
+        return str(err)
     path = None
     try:
         with local_copy(location) as path:

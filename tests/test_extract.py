@@ -527,3 +527,24 @@ def test_real_size_vit_b_16(corpus, tmp_path):
     g = zarr.open_group(tmp_path / "vitb.zarr", mode="r")
     assert g["tokens"].shape == (2, 2, 197, 768)
     assert np.isfinite(g["tokens"][:].astype(np.float32)).all() and np.abs(g["tokens"][:]).max() > 0
+
+
+def test_hand_edited_rows_that_leave_the_video_root_are_refused(tmp_path):
+    """videos.jsonl edited after the build: a `..` path and a symlink inside the root that
+    points out. Both rows fail with the reason; the file outside is never decoded."""
+    root = tmp_path / "videos"
+    root.mkdir()
+    for video_id in ("a", "b", "c"):
+        _write_video(root / f"{video_id}.mp4", 10)
+    instructions = tmp_path / "i.json"
+    instructions.write_text(json.dumps([{"q": "q?", "a": "a.", "video_id": v} for v in ("a", "b", "c")]))
+    build_manifest(ManifestConfig(instructions, root, tmp_path / "m"))
+    _write_video(tmp_path / "outside.mp4", 10)
+    (root / "link.mp4").symlink_to(tmp_path / "outside.mp4")
+    rows = [json.loads(line) for line in (tmp_path / "m" / "videos.jsonl").read_text().splitlines()]
+    rows[1]["path"], rows[2]["path"] = "../outside.mp4", "link.mp4"
+    (tmp_path / "m" / "videos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = _extract(tmp_path / "m", tmp_path / "s.zarr")
+    assert (summary.ok, summary.failed) == (1, 2)
+    failures = _failures(tmp_path / "s.zarr")
+    assert "escapes the video root" in failures["b"] and "points outside the video root" in failures["c"], failures
