@@ -60,10 +60,17 @@ def video_id_of(ref: str) -> str:
 
 
 def _raw_records(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
-    """(index, parsed JSON) pairs from a JSON list or a JSON Lines file."""
-    text = path.read_text(encoding="utf-8")
+    """(index, parsed JSON) pairs from a JSON list or a JSON Lines file. A JSON Lines file loses
+    only its bad lines (not JSON, or not UTF-8: recorded as problems); a JSON list that is not
+    UTF-8 throughout is refused with the byte where it breaks."""
+    data = path.read_bytes()
     try:
-        whole = json.loads(text)
+        whole = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        if data.lstrip()[:1] == b"[":
+            raise ManifestError(f"{path}: not UTF-8 at byte {err.start}: a JSON list must be valid UTF-8 "
+                                "throughout (in a JSON Lines file only the bad lines are dropped)") from err
+        whole = None
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, list):
@@ -71,11 +78,13 @@ def _raw_records(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
     if isinstance(whole, dict):
         return [(0, whole)], []
     records, problems = [], []
-    for index, line in enumerate(text.splitlines()):
-        if not line.strip():
+    for index, raw in enumerate(data.splitlines()):
+        if not raw.strip():
             continue
         try:
-            records.append((index, json.loads(line)))
+            records.append((index, json.loads(raw.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            problems.append(Problem("bad_json_line", f"line {index + 1}: not UTF-8 at byte {e.start}", index=index))
         except json.JSONDecodeError as e:
             problems.append(Problem("bad_json_line", f"line {index + 1}: {e.msg}", index=index))
     return records, problems

@@ -223,3 +223,37 @@ def test_every_flag_of_every_subcommand_has_help(cli):
                 assert action.help and len(action.help) > 10, f"{cli} {name} {action.option_strings} has no help"
         script = [sys.executable, str(REPO / f"{cli}.py"), name, "--help"]
         assert subprocess.run(script, capture_output=True).returncode == 0
+
+
+def test_hostile_text_is_taken_or_recorded_never_a_crash(tmp_path):
+    """Invalid UTF-8 on one JSON Lines line, a 100k-character answer, `<video>` inside a
+    question, a LLaVA conversation with no assistant turn."""
+    touch_videos(tmp_path / "videos", "v_a.mp4", "v_b.mp4", "v_c.mp4")
+    long_answer = "word " * 20_000
+    lines = [json.dumps({"q": "What moves?", "a": "A disc.", "video_id": "v_a"}).encode(),
+             b'{"q": "Bad \xff\xfe bytes", "a": "A.", "video_id": "v_b"}',
+             json.dumps({"q": "Describe it.", "a": long_answer, "video_id": "v_b"}).encode(),
+             json.dumps({"q": "Is <video> here the <video> marker?", "a": "No.", "video_id": "v_c"}).encode()]
+    src = tmp_path / "vi.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out, summary = build(tmp_path, src)
+    problems = read_lines(out / "problems.jsonl")
+    assert [(p["kind"], p["index"]) for p in problems] == [("bad_json_line", 1)]
+    assert "not UTF-8" in problems[0]["reason"]
+    samples = {s["video_id"]: s for s in read_lines(out / "samples.jsonl") if s["video_id"] != "v_a"}
+    assert samples["v_b"]["conversations"][1]["content"] == long_answer.strip()
+    question = samples["v_c"]["conversations"][0]["content"]
+    assert question.count("<video>") == 1 and question.startswith("<video>\n")
+
+    listed = tmp_path / "vi.json"
+    listed.write_bytes(b'[{"q": "Bad \xff", "a": "A.", "video_id": "v_a"}]')
+    with pytest.raises(ValueError, match="vi.json: not UTF-8 at byte 12"):
+        build(tmp_path, listed, out=tmp_path / "m2")
+
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"video": "v_a", "conversations": [{"from": "human", "value": "<video>\nHi?"}]},
+                                 {"video": "v_b", "conversations": [{"from": "human", "value": "Q?"},
+                                                                    {"from": "gpt", "value": "A."}]}]))
+    out3, _ = build(tmp_path, llava, out=tmp_path / "m3")
+    assert [(p["kind"], p["video_id"]) for p in read_lines(out3 / "problems.jsonl")] == [("bad_conversation", "v_a")]
+    assert [s["video_id"] for s in read_lines(out3 / "samples.jsonl")] == ["v_b"]
