@@ -170,12 +170,15 @@ class StoreLocation:
             with self.errors():
                 return _create_remote(self.fs, target, data)
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:  # whole before it gets its name: a reader never sees it empty
+            f.write(data)
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, target)  # atomic, and fails if the name exists
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            os.unlink(tmp)
         return True
 
     def delete(self, name: str) -> None:
