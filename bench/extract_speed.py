@@ -80,7 +80,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the hidden subcommands import the project without an install
 
-from report import compact_json  # bench/report.py (bench/ is on sys.path when run as a script)  # noqa: E402
+from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)  # noqa: E402
 
 ENCODER = "demo-tiny"
 FRAMES = 8
@@ -499,12 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as err:
         log(f"error: {err}")
         return 1
-    text = compact_json(result)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    print()
-    print_table(result)
+    emit(result, args.json, print_table)
     return 0
 
 

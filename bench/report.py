@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 
 def compact_json(obj: dict) -> str:
     """Indented JSON with lists of numbers kept on one line."""
     text = json.dumps(obj, indent=2)
     return re.sub(r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
+def emit(result: dict, json_path: Path | None, print_table: Callable[[dict], None]) -> None:
+    """The result as JSON on stdout (and in `json_path` if given), then its Markdown table."""
+    text = compact_json(result)
+    print(text)
+    if json_path is not None:
+        json_path.write_text(text + "\n", encoding="utf-8")
+    print()
+    print_table(result)
