@@ -19,6 +19,7 @@ encoder proves it loaded the same weights (fingerprint).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,10 +133,21 @@ def _distributor(cfg: ExtractConfig) -> Any:
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
-    """Extract every pending shard of `cfg.manifest` into `cfg.store` (see the module docstring)."""
+    """Extract every pending shard of `cfg.manifest` into `cfg.store` (see the module docstring),
+    then delete the temporary files that a killed job left in the store: those older than this
+    job and than the lease expiry (no live writer of any job keeps one that long)."""
     _validate(cfg)
-    manifest_dir, meta = read_manifest_meta(cfg.manifest)
+    started = time.time()
     location = StoreLocation(cfg.store)
+    summary = _extract(cfg, location)
+    removed = location.remove_temporaries(older_than=min(started, time.time() - cfg.lease_ttl_s))
+    if removed:
+        log.info("removed %d temporary files left by a killed job", removed)
+    return summary
+
+
+def _extract(cfg: ExtractConfig, location: StoreLocation) -> ExtractSummary:
+    manifest_dir, meta = read_manifest_meta(cfg.manifest)
     shard_size, n_rows = int(meta["shard_size"]), int(meta["counts"]["videos"])
     n_shards = -(-n_rows // shard_size)
     if cfg.shards is not None and cfg.shards and (min(cfg.shards) < 0 or max(cfg.shards) >= n_shards):

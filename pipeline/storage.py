@@ -9,6 +9,10 @@ path, `FsspecStore` for a URL); the small files beside them (commit records, lea
 - `create`: create-if-absent, atomically: `O_EXCL` on a filesystem, a conditional PUT
   (`If-None-Match: *`) on object storage; the loser of a race gets False.
 
+On a filesystem both go through a temporary file, as zarr's `LocalStore` does for every chunk; a
+writer killed between the two leaves it behind. Temporary names never count as objects, and
+`remove_temporaries` deletes the ones a killed writer left (each job does at its end).
+
 Credentials and endpoints come from the usual environment and config files (AWS_* variables,
 fsspec's own config); nothing here prints them. A failure of the storage itself (no credentials,
 an unreachable endpoint, no such bucket, access denied) becomes one `StorageError` line naming the
@@ -32,6 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import StorageError
+
+# endings of the temporary files of a filesystem store: ours (`write`, `create`) and zarr's
+# `LocalStore` (every chunk and metadata file is written as `<name>.<uuid>.partial`, then renamed)
+TEMPORARY_SUFFIXES = (".tmp", ".partial")
 
 # packages whose exceptions are failures of the storage client (fsspec turns a service's own
 # refusals into OSError: FileNotFoundError for a missing bucket, PermissionError, ...)
@@ -202,6 +210,24 @@ class StoreLocation:
                 return sorted(os.listdir(self.path(folder)))
             except FileNotFoundError:
                 return []
+
+    def remove_temporaries(self, older_than: float) -> int:
+        """Delete the temporary files (`TEMPORARY_SUFFIXES`) last written before `older_than` (a
+        time.time()); how many. A live writer's exist for the milliseconds of one write, so a
+        caller passes a time well before now. Object storage has none: a PUT is whole."""
+        if self.remote:
+            return 0
+        removed = 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if not name.endswith(TEMPORARY_SUFFIXES):
+                    continue
+                path = os.path.join(folder, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_mtime < older_than:
+                        os.unlink(path)
+                        removed += 1
+        return removed
 
     def zarr_store(self, read_only: bool = False):  # noqa: ANN201 - a zarr Store
         import zarr
