@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 from pipeline.shard import decode_entry
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
+READY = "ready"  # the first message of a decoder process
 
 
 def die_with_parent() -> None:
@@ -32,6 +33,7 @@ def die_with_parent() -> None:
 
 
 def serve(conn: Connection) -> None:
+    conn.send(READY)  # imports done (decord alone takes seconds): deadlines start after this
     while True:
         try:
             request = conn.recv()  # (video root, VideoEntry, DecodeSpec)

@@ -9,7 +9,8 @@ write, commit) runs here on plain processes and threads:
   machine, one fewer per GPU), each a fresh interpreter (`pipeline.decoder_process`) decoding one
   video at a time and sending its F cropped uint8 frames back through a socket; they start first
   and decode the first rows while torch and the tower load. A decode's deadline runs from
-  the moment its process receives it, so a video queued behind busy decoders is never killed;
+  the moment it is handed to a started process (one that has imported its libraries), so
+  neither a video queued behind busy decoders nor one handed to a replacement is killed early;
   past it the process is killed (decord can loop forever in native code) and replaced, and the
   row recorded as timed out. A decoder that dies (a crash in native code) is a failed row too.
 - encoders: one `BatchingEncoder` per GPU, or one on the CPU running its torch threads beside
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 DecodeRequest = tuple[str, VideoEntry, DecodeSpec]  # (video root, row, spec)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HUNG, DIED = object(), object()  # what a decoder process gave instead of an outcome
+STARTUP_S = 120.0  # a decoder process's imports take 1-3 s, longer on a busy machine
 PREFETCH_MAX = 256  # rows decoded at most while the encoders load (2-10 s)
 
 
@@ -124,7 +126,13 @@ class DecodePool:
             [sys.executable, "-m", "pipeline.decoder_process", str(theirs.fileno())], pass_fds=[theirs.fileno()],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # reasons: socket
         theirs.close()
-        return Connection(ours.detach())
+        conn = Connection(ours.detach())
+        try:  # a process that never starts shows as DIED or HUNG on its first request
+            if conn.poll(STARTUP_S):
+                conn.recv()  # pipeline.decoder_process.READY: its imports are done
+        except (EOFError, OSError):
+            pass
+        return conn
 
     def _stop(self, i: int, conn: Connection) -> int:
         """Kill slot i's process (whatever it is doing); its exit code."""

@@ -300,6 +300,22 @@ def test_a_healthy_video_queued_behind_hung_decoders_is_not_killed(tmp_path, dis
     assert (summary.ok, summary.failed) == (1, 2)
 
 
+def test_a_decode_deadline_starts_when_its_decoder_has_started(tmp_path, monkeypatch):
+    """Decoder processes that take 3 s to start (a sitecustomize that sleeps, as a busy machine's
+    imports can): with a 2 s deadline, the hung row is killed and the healthy rows, the one handed
+    to the replacement decoder included, are decoded, not timed out."""
+    slow = tmp_path / "slow_start"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(3)\n")
+    manifest = _corpus_with_fifos(tmp_path, ("a_hangs", "b_ok", "c_ok"), ("a_hangs",))
+    monkeypatch.setenv("PYTHONPATH", str(slow))
+    cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
+                        frames=F, decoders=1, decode_timeout_s=2)
+    summary = extract(cfg)
+    assert _failures(tmp_path / "s.zarr") == {"a_hangs": "decode timed out after 2 s (killed)"}
+    assert (summary.ok, summary.failed) == (2, 1)
+
+
 def _readers_of(path: Path) -> list[int]:
     """Processes other than this one that hold `path` open."""
     pids = []
