@@ -1,9 +1,10 @@
 """What a curator asks of a finished store: `status` (what is in it) and `verify` (is it intact).
 
-`verify` trusts nothing it can recompute: each shard's data checksum against its commit record,
-shapes and dtypes against the attributes, finite tokens, the status array against the commit
-records, and (with a manifest) that the store belongs to that manifest and every shard's commit
-names the manifest's current rows.
+`verify` trusts nothing it can recompute: the attributes (whole, typed, self-consistent) and the
+arrays' shapes and dtypes against them, each commit record (whole, its shard's, agreeing with the
+attributes), each shard's data checksum and counts against its commit record, finite tokens, the
+status array against the commit records, stray commit files, and (with a manifest) that the store
+belongs to that manifest and every shard's commit names the manifest's current rows.
 """
 
 from __future__ import annotations
@@ -20,27 +21,44 @@ import zarr
 from manifests.manifest import iter_shards, read_manifest_meta
 from pipeline.errors import ExtractError
 from pipeline.storage import StoreLocation
-from pipeline.store import open_group, read_commit
+from pipeline.store import check_store, open_group, read_attrs, read_commit, store_problems
 from pipeline.store_format import (
     ARRAYS,
+    COMMITS,
     FAILED,
     OK,
     PENDING,
+    CommitError,
+    commit_name,
+    commit_problems,
     data_sha256,
-    encoder_fingerprint,
     is_done,
+    load_commit,
     n_shards,
     rows_sha256,
     shard_rows,
-    spec_sha256,
 )
 
 
-def open_store(store: str | Path) -> tuple[StoreLocation, zarr.Group]:
-    """The store's location and its group, read-only; a one-line error when it is not a store."""
+def _location(store: str | Path) -> StoreLocation:
     location = StoreLocation(store)
     if not location.exists("zarr.json"):
         raise ExtractError(f"{location} is not a feature store (no zarr.json); make one with `run_extract.py extract`")
+    return location
+
+
+def _attrs(location: StoreLocation) -> Any:
+    attrs = read_attrs(location)
+    if attrs is None:
+        raise ExtractError(f"{location} has no attributes yet (a job is creating it, or its zarr.json is damaged)")
+    return attrs
+
+
+def open_store(store: str | Path) -> tuple[StoreLocation, zarr.Group]:
+    """The store's location and its group, read-only; a one-line error when it is not a store or
+    its attributes are malformed or disagree with its arrays (`pipeline.store.check_store`)."""
+    location = _location(store)
+    check_store(location, _attrs(location))
     return location, open_group(location)
 
 
@@ -124,31 +142,16 @@ def _manifest_shas(manifest_dir: Path | None, attrs: dict[str, Any]) -> dict[int
 
 
 def verify(store: str | Path, manifest_dir: Path | None = None) -> list[str]:
-    """Every problem found, one line each, prefixed by the shard it is in; [] when intact."""
-    location, g = open_store(store)
-    attrs = dict(g.attrs)
-    problems: list[str] = []
-    missing = [k for k in ("n_rows", "shard_size", "frames", "tokens_per_frame", "width", "encoder",
-                           "encoder_fingerprint", "manifest_id") if k not in attrs]
-    if missing:
-        return [f"store: attributes missing: {', '.join(missing)}"]
-    n, F = attrs["n_rows"], attrs["frames"]
-    T, D = attrs["tokens_per_frame"], attrs["width"]
-    expected = {"tokens": ((n, F, T, D), "float16"), "frame_index": ((n, F), "int32"), "n_frames": ((n,), "int32"),
-                "status": ((n,), "uint8")}
-    for name, (shape, dtype) in expected.items():
-        if name not in g:
-            return [f"store: array {name} is missing"]
-        if g[name].shape != shape or str(g[name].dtype) != dtype:
-            problems.append(f"store: {name} is {g[name].shape} {g[name].dtype}, expected {shape} {dtype}")
+    """Every problem found, one line each, prefixed by what it is in (`store:`, the shard, a stray
+    commit file); [] when intact. Attributes and array metadata come first (`store_problems`):
+    when they are wrong nothing else can be read by them."""
+    location = _location(store)
+    attrs = _attrs(location)
+    problems = [f"store: {p}" for p in store_problems(location, attrs)]
     if problems:
         return problems
-    if encoder_fingerprint(attrs["encoder"]) != attrs["encoder_fingerprint"]:
-        problems.append("store: the encoder attributes do not match the recorded encoder fingerprint (edited?)")
-    for key in ("tokens_per_frame", "width"):
-        if attrs[key] != attrs["encoder"].get(key):
-            problems.append(f"store: attribute {key} disagrees with the encoder record")
-    meaning = spec_sha256(attrs)
+    g = open_group(location)
+    n = attrs["n_rows"]
     shas = None
     if manifest_dir is not None:
         mdir, meta = read_manifest_meta(manifest_dir)
@@ -158,36 +161,50 @@ def verify(store: str | Path, manifest_dir: Path | None = None) -> list[str]:
             problems.append(f"store: {n} rows, the manifest {meta['counts']['videos']} (extract to grow it)")
         else:
             shas = _manifest_shas(manifest_dir, attrs)
+    total = n_shards(attrs)
+    for name in location.list(COMMITS):
+        shard = _commit_file_shard(name)
+        if shard is None or shard >= total:
+            problems.append(f"{COMMITS}/{name}: not the commit record of any of the store's {total} shards")
     status_all = g["status"][:]
     arrays = [g[name] for name in ARRAYS]  # opened once: at 20k shards, reopening costs minutes
-    for shard in range(n_shards(attrs)):
+    for shard in range(total):
         start, stop = shard_rows(attrs, shard)
         where = f"shard {shard} (rows {start}-{stop - 1})"
-        commit = read_commit(location, shard)
-        if commit is None:
+        data = location.read(commit_name(shard))
+        if data is None:
             if (status_all[start:stop] != PENDING).any():
                 problems.append(f"{where}: no commit record, but rows are marked done")
             else:
                 problems.append(f"{where}: not extracted (no commit record)")
             continue
-        if not is_done(commit, attrs):
-            problems.append(f"{where}: committed with another encoder")
-        if commit.get("spec_sha256") != meaning:
-            problems.append(f"{where}: the store's attributes changed since this shard was committed (edited?)")
-        if commit.get("rows") != [start, stop]:
-            problems.append(f"{where}: commit record covers rows {commit.get('rows')}")
+        try:
+            commit = load_commit(data, shard)
+        except CommitError as err:
+            problems.append(f"{where}: commit record {err}")
+            continue
+        problems += [f"{where}: {p}" for p in commit_problems(commit, attrs, None if shas is None else shas.get(shard))]
         try:  # each array of the shard read once; a corrupt shard file fails to decode
             tokens, frame_index, n_frames, st = (array[start:stop] for array in arrays)
         except Exception as err:
             problems.append(f"{where}: unreadable data ({' '.join(str(err).split())[:120]})")
             continue
-        if data_sha256(tokens, frame_index, n_frames, st) != commit.get("data_sha256"):
-            problems.append(f"{where}: data checksum mismatch (the shard's files changed after commit)")
-        failed_rows = {f["row"] for f in commit.get("failures", [])}
+        if data_sha256(tokens, frame_index, n_frames, st) != commit["data_sha256"]:
+            problems.append(f"{where}: data checksum mismatch (the shard's files changed after commit, or the "
+                            "record's data_sha256 was edited)")
+        counts = (int((st == OK).sum()), int((st == FAILED).sum()))
+        if counts != (commit["ok"], commit["failed"]):
+            problems.append(f"{where}: the record counts {commit['ok']} ok, {commit['failed']} failed; the status "
+                            f"array holds {counts[0]} ok, {counts[1]} failed")
+        failed_rows = {f["row"] for f in commit["failures"]}
         if set((np.flatnonzero(st == FAILED) + start).tolist()) != failed_rows or (st == PENDING).any():
-            problems.append(f"{where}: status array disagrees with the commit record")
+            problems.append(f"{where}: status array disagrees with the commit record's failures")
         if not np.isfinite(tokens.astype(np.float32)).all():
             problems.append(f"{where}: non-finite token values")
-        if shas is not None and not is_done(commit, attrs, shas.get(shard)):
-            problems.append(f"{where}: committed for other manifest rows (rebuild it)")
     return problems
+
+
+def _commit_file_shard(name: str) -> int | None:
+    """The shard whose commit record file is called `name` (`commit_name`), or None."""
+    stem = name.removeprefix("shard-").removesuffix(".json")
+    return int(stem) if stem.isdigit() and commit_name(int(stem)) == f"{COMMITS}/{name}" else None

@@ -21,10 +21,12 @@ from pipeline.errors import ExtractError
 from pipeline.storage import StoreLocation
 from pipeline.store_format import (
     ARRAYS,
-    FORMAT_VERSION,
     PENDING,
     SPEC_KEYS,
+    array_problems,
+    attrs_problems,
     commit_name,
+    encoder_problems,
     make_commit,
     parse_commit,
     shard_rows,
@@ -52,19 +54,51 @@ def open_group(location: StoreLocation, mode: str = "r") -> zarr.Group:
         return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode)
 
 
-def read_attrs(location: StoreLocation) -> dict[str, Any] | None:
-    """The store's attributes, or None when there is no store at `location` (no zarr.json, or
-    one that a job is still creating or writing)."""
+def read_attrs(location: StoreLocation) -> Any:
+    """The store's attributes as written, or None when there is no store at `location` (no
+    zarr.json, or one that a job is still creating or writing). They may have been edited:
+    `check_store` before relying on them."""
     data = location.read("zarr.json")
     try:
-        attrs = None if data is None else json.loads(data).get("attributes", {})
+        node = None if data is None else json.loads(data)
     except ValueError:
         return None
-    return None if attrs is None or attrs.get("creating") else attrs
+    attrs = node.get("attributes", {}) if isinstance(node, dict) else node
+    return None if attrs is None or (isinstance(attrs, dict) and attrs.get("creating")) else attrs
+
+
+def store_problems(location: StoreLocation, attrs: Any, max_rows: int | None = None) -> list[str]:
+    """Why the store at `location` with these attributes (`read_attrs`) cannot be read by them:
+    malformed or self-contradicting attributes, arrays whose metadata cannot be read or disagree
+    with them (`array_problems`; rows up to `max_rows` allowed). One line each; [] when sound."""
+    problems = attrs_problems(attrs)
+    if problems:
+        return problems
+    group, arrays, unreadable = open_group(location), {}, []
+    for name in ARRAYS:
+        try:
+            array = group[name]
+        except KeyError:
+            continue  # missing: `array_problems` says so
+        except Exception as err:  # zarr raises several types for metadata it cannot parse
+            unreadable.append(f"array {name} has unreadable metadata ({' '.join(str(err).split())[:120]})")
+            continue
+        if isinstance(array, zarr.Array):  # (a group of that name: the array is missing)
+            arrays[name] = (tuple(array.shape), str(array.dtype), (array.shards or array.chunks)[0])
+    return encoder_problems(attrs) + (unreadable or array_problems(attrs, arrays, max_rows))
+
+
+def check_store(location: StoreLocation, attrs: Any, max_rows: int | None = None) -> None:
+    """One-line refusal of a store whose attributes are malformed or disagree with its arrays
+    (`store_problems`): reading or extending it by its attributes would write or read wrong rows."""
+    problems = store_problems(location, attrs, max_rows)
+    if problems:
+        raise ExtractError(f"{location}: {'; '.join(problems)}; the store was edited or is damaged")
 
 
 def read_commit(location: StoreLocation, shard: int) -> dict[str, Any] | None:
-    return parse_commit(location.read(commit_name(shard)))
+    """The shard's commit record; None when absent or not a whole record of that shard."""
+    return parse_commit(location.read(commit_name(shard)), shard)
 
 
 def open_or_create(location: StoreLocation, attrs: dict[str, Any]) -> zarr.Group:
@@ -80,6 +114,7 @@ def open_or_create(location: StoreLocation, attrs: dict[str, Any]) -> zarr.Group
                 return _create(location, attrs)
         except zarr.errors.ContainsGroupError:
             have = _wait_for_creator(location)
+    check_store(location, have, attrs["n_rows"])
     check_compatible(have, attrs, location)
     if attrs["n_rows"] < have["n_rows"]:
         raise ExtractError(f"{location} holds {have['n_rows']} rows but the manifest only "
@@ -126,10 +161,8 @@ def _wait_for_creator(location: StoreLocation) -> dict[str, Any]:
 
 
 def check_compatible(have: dict[str, Any], want: dict[str, Any], location: StoreLocation) -> None:
-    """One-line refusal when a store and a request disagree on what the tokens mean."""
-    if have.get("format_version") != FORMAT_VERSION:
-        raise ExtractError(f"{location}: store format {have.get('format_version')!r}, this version reads "
-                           f"{FORMAT_VERSION}")
+    """One-line refusal when a store (which `check_store` passed) and a request disagree on what
+    the tokens mean."""
     if have["manifest_id"] != want["manifest_id"]:
         raise ExtractError(f"{location} was made from another manifest (id {have['manifest_id']}, "
                            f"this one is {want['manifest_id']}); use a new --store")

@@ -178,7 +178,7 @@ def test_status_and_verify_on_s3_find_an_overwritten_shard_object(s3, corpus, st
     # a valid shard object, but another shard's: only its checksum can tell
     fs.pipe_file(f"{BUCKET}/corrupt.zarr/tokens/c/1/0/0/0", fs.cat_file(f"{BUCKET}/corrupt.zarr/tokens/c/2/0/0/0"))
     problems = verify(f"s3://{BUCKET}/corrupt.zarr")
-    assert problems == ["shard 1 (rows 2-3): data checksum mismatch (the shard's files changed after commit)"]
+    assert problems == ["shard 1 (rows 2-3): data checksum mismatch (the shard's files changed after commit, or the record's data_sha256 was edited)"]
 
 
 def test_show_decodes_the_video_from_s3_as_from_disk(corpus, stores, tmp_path):
