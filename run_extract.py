@@ -36,10 +36,17 @@ def cmd_manifest(args: argparse.Namespace) -> None:
     print("\n".join(build_manifest(_config(ManifestConfig, args)).lines()))
 
 
-def cmd_extract(args: argparse.Namespace) -> None:
+# exit status of extract and rebuild when the job ended but left shards pending (each printed
+# with its reason): a batch scheduler must not take it for done; a rerun retries them
+INCOMPLETE = 3
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.extract import ExtractConfig, extract
 
-    print(extract(_config(ExtractConfig, args)))
+    summary = extract(_config(ExtractConfig, args))
+    print(summary)
+    return INCOMPLETE if summary.left_pending else 0
 
 
 def _int_list(text: str) -> list[int]:
@@ -53,10 +60,12 @@ def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def cmd_rebuild(args: argparse.Namespace) -> None:
+def cmd_rebuild(args: argparse.Namespace) -> int:
     from pipeline.extract import RebuildConfig, rebuild
 
-    print(rebuild(_config(RebuildConfig, args)))
+    summary = rebuild(_config(RebuildConfig, args))
+    print(summary)
+    return INCOMPLETE if summary.left_pending else 0
 
 
 def cmd_status(args: argparse.Namespace) -> None:

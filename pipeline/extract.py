@@ -34,7 +34,7 @@ from pipeline.errors import DecodeError, ExtractError
 from pipeline.lease import DEFAULT_TTL_S
 from pipeline.sampling import SAMPLING_POLICIES
 from pipeline.storage import StoreLocation
-from pipeline.store import check_compatible, open_group, open_or_create, read_attrs, read_commit
+from pipeline.store import check_compatible, check_store, open_group, open_or_create, read_attrs, read_commit
 from pipeline.store_format import FAILED, is_done, rows_sha256, store_attrs
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,9 @@ def _validate(cfg: ExtractConfig) -> None:
 def _asks_for_store(cfg: ExtractConfig, have: dict[str, Any]) -> bool:
     """Does the request name the encoder the existing store was made with? (If so its recorded
     attributes stand for the request until an actor loads the weights and proves it.)"""
-    enc = have["encoder"]
-    return (enc["model"], enc["pretrained"], enc["layer"]) == (cfg.encoder, cfg.pretrained, cfg.layer) \
-        and cfg.precision in (None, enc["precision"])
+    enc = have["encoder"]  # a record edited to lack a field names another encoder
+    return (enc.get("model"), enc.get("pretrained"), enc.get("layer")) == (cfg.encoder, cfg.pretrained, cfg.layer) \
+        and cfg.precision in (None, enc.get("precision"))
 
 
 def _shards_with_sha(manifest_dir: Path, shard_size: int) -> Iterator[tuple[int, list[VideoEntry], str]]:
@@ -153,6 +153,8 @@ def _extract(cfg: ExtractConfig, location: StoreLocation) -> ExtractSummary:
     if cfg.shards is not None and cfg.shards and (min(cfg.shards) < 0 or max(cfg.shards) >= n_shards):
         raise ExtractError(f"shards {sorted(cfg.shards)} are not all in 0..{n_shards - 1}")
     have = read_attrs(location)
+    if have is not None:  # an edited or damaged store is refused before its attributes are used
+        check_store(location, have, n_rows)
     attrs = None
     todo = None if cfg.shards is None else set(cfg.shards)  # None: every shard, as far as is known yet
     if have is not None and _asks_for_store(cfg, have):
@@ -161,6 +163,7 @@ def _extract(cfg: ExtractConfig, location: StoreLocation) -> ExtractSummary:
         pending = _pending(location, attrs, manifest_dir, shard_size)
         todo = set(pending) if cfg.shards is None else todo
         if not todo:
+            check_store(location, have)  # all done, so no growth was cut short: rows must match exactly
             check_compatible(have, attrs, location)
             return ExtractSummary(str(location), n_shards, n_shards, 0, 0, 0)
 
@@ -201,6 +204,10 @@ def _extract(cfg: ExtractConfig, location: StoreLocation) -> ExtractSummary:
             return is_done(read_commit(location, shard), attrs, sha)
 
         totals = distributor.run(job, shards, n_videos, committed_elsewhere)
+    if totals.stopped:  # after the distributor closed: nothing of this job runs any more
+        done = summary.shards_done_before + totals.shards + totals.shards_by_others
+        raise ExtractError(f"{location}: stopped: {totals.stopped} ({totals.shards} shards written by this job, "
+                           f"{done}/{n_shards} done and kept); free space and run it again")
     summary.shards_written, summary.ok, summary.failed = totals.shards, totals.ok, totals.failed
     summary.shards_by_others, summary.left_pending = totals.shards_by_others, totals.left
     for line in totals.left:
@@ -234,6 +241,7 @@ def rebuild(cfg: RebuildConfig) -> ExtractSummary:
     attrs = read_attrs(location)
     if attrs is None:
         raise ExtractError(f"{location} is not a feature store (no zarr.json)")
+    check_store(location, attrs)
     shard_size = attrs["shard_size"]
     if cfg.shards is not None:
         shards = sorted(set(cfg.shards))

@@ -5,11 +5,15 @@ A distributor (`pipeline.distributed` for Ray, `pipeline.local` for this machine
 hands `run_shards` a `submit` function that starts one shard's `pipeline.shard.take_shard`
 somewhere and returns a `concurrent.futures.Future` of its `ShardOutcome`. The driver holds the
 manifest rows of the shards in flight only, so its memory does not grow with the corpus; a
-failed shard is data (a one-line reason in `RunTotals.left`), never a traceback.
+failed shard is data (a one-line reason in `RunTotals.left`), never a traceback. One kind of
+failure is the job's, not the shard's: a store with no space left (or a read-only one) fails
+every shard alike, so the first such failure stops the job (`RunTotals.stopped`): no new shard
+starts, the ones in flight end, and what was committed stays.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import time
@@ -41,6 +45,27 @@ class RunTotals:
     ok: int = 0
     failed: int = 0
     left: list[str] = field(default_factory=list)  # one line per shard left pending
+    stopped: str | None = None  # why the job stopped early (`stops_the_job`)
+
+
+# the store cannot take a write from anyone: no space, over quota, read-only
+_STORE_REFUSES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def stops_the_job(err: BaseException) -> bool:
+    """Is `err` (or what caused it; a Ray task error carries it as `cause`) the store refusing
+    every write, rather than this shard failing?"""
+    seen = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORE_REFUSES:
+            return True
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return False
 
 
 def make_job(template: dict[str, Any], slots: int) -> tuple[ShardJob, int]:
@@ -77,6 +102,8 @@ def run_shards(submit: Callable[[Task], Future], shards: Iterable[Task], n_video
 
     def next_task() -> tuple[Task, int] | None:
         nonlocal exhausted
+        if totals.stopped:
+            return None
         due = [item for item in later if item[0] <= time.monotonic()]
         if due:
             later.remove(due[0])
@@ -89,7 +116,7 @@ def run_shards(submit: Callable[[Task], Future], shards: Iterable[Task], n_video
         while len(running) < max_open and (item := next_task()) is not None:
             running[submit(item[0])] = item
         if not running:
-            if not later:
+            if not later or totals.stopped:
                 break
             time.sleep(POLL_S)
             continue
@@ -101,6 +128,9 @@ def run_shards(submit: Callable[[Task], Future], shards: Iterable[Task], n_video
                 outcome: ShardOutcome = future.result()
             except Exception as err:  # noqa: BLE001 - a failed shard is data: retried, then one line
                 reason = one_line_reason(err)
+                if stops_the_job(err):
+                    totals.stopped = totals.stopped or reason
+                    continue
                 if tries < SHARD_RETRIES:  # after a pause: a dead actor takes a while to restart
                     log.warning("shard %d failed (%s); trying it again", shard, reason)
                     later.append((time.monotonic() + RETRY_PAUSE_S * (tries + 1), task, tries + 1))

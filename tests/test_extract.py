@@ -316,6 +316,29 @@ def test_a_decode_deadline_starts_when_its_decoder_has_started(tmp_path, monkeyp
     assert (summary.ok, summary.failed) == (2, 1)
 
 
+def test_decoder_processes_do_not_load_cuda(corpus):
+    """decord2 dlopens every library of the `nvidia` pip packages at import (380 MiB of private
+    memory per process); a decoder process hides them and still decodes."""
+    from pipeline.decode import DecodeSpec
+    from pipeline.local import DecodePool
+
+    root, manifests = corpus
+    entry = next(e for e in load_manifest(manifests["good"]).videos)
+    pool = DecodePool(1, timeout_s=60)
+    try:
+        decoded = pool.submit((str(root / "videos"), entry, DecodeSpec(F, "uniform", 32, "shortest"))).result()
+        assert not isinstance(decoded, str), decoded
+        assert decoded.frames.shape[0] == F
+        pid = pool.processes[0].pid
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        rss_kib = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS")).split()[1])
+    finally:
+        pool.close()
+    assert "/nvidia/" not in maps
+    assert rss_kib < 200 * 1024, f"a decoder process holds {rss_kib // 1024} MiB"
+
+
 def _readers_of(path: Path) -> list[int]:
     """Processes other than this one that hold `path` open."""
     pids = []
@@ -536,6 +559,45 @@ def test_a_dead_jobs_lease_holds_its_shard_only_until_it_expires(corpus, tmp_pat
     assert (store / "commits" / "shard-000000.json").stat().st_mtime >= expiry, "taken while its lease was live"
     assert time.time() < expiry + 30, "the expired lease held the shard much longer than its expiry"
     assert json.loads((store / "commits" / "shard-000000.json").read_text())["node"] != "gone"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mounted for the test (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_job_with_one_line_and_a_rerun_completes(store_all, corpus, small_disk):
+    """The store on a tmpfs smaller than the store: the CLI exits with one line naming the cause,
+    every committed shard holds the undisturbed store's rows, and after the disk grows a rerun
+    makes the undisturbed store."""
+    reference, _ = store_all
+    need = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file())
+    subprocess.run(["mount", "-o", f"remount,size={need // 2}", str(small_disk)], check=True)
+    store = small_disk / "s.zarr"
+    cmd = [sys.executable, str(ROOT / "run_extract.py"), "extract", "--manifest", str(corpus[1]["all"]),
+           "--store", str(store), "--encoder", "demo-tiny", "--pretrained", "none", "--frames", str(F),
+           "--batch-size", "16", "--decode-timeout", "30"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(lines) == 1 and "No space left on device" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    a, b = zarr.open_group(reference, mode="r"), zarr.open_group(store, mode="r")
+    commits = [json.loads(p.read_text())["rows"] for p in (store / "commits").glob("shard-*.json")]
+    for start, stop in commits:
+        for name in ("tokens", "frame_index", "n_frames", "status"):
+            np.testing.assert_array_equal(a[name][start:stop], b[name][start:stop])
+    subprocess.run(["mount", "-o", f"remount,size={need * 2}", str(small_disk)], check=True)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    for name in ("tokens", "frame_index", "n_frames", "status"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
 def test_real_size_vit_b_16(corpus, tmp_path):
