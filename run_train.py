@@ -37,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_train.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train (or resume) a run from cached features")
-    t.add_argument("--manifest", type=Path, required=True, help="manifest folder (samples, splits)")
-    t.add_argument("--store", required=True, metavar="PATH_OR_URL",
-                   help="the Zarr feature store: a path (STORE.zarr) or an fsspec URL (s3://bucket/store.zarr)")
+    # Flags left out are left out of the namespace (SUPPRESS): TrainConfig's defaults, which are the
+    # ones the help states, apply to a new run, and a --resume takes them from the run's config.json.
+    t = sub.add_parser("train", help="train (or resume) a run from cached features", argument_default=argparse.SUPPRESS)
+    t.add_argument("--manifest", type=Path, help="manifest folder (samples, splits); required unless --resume")
+    t.add_argument("--store", metavar="PATH_OR_URL",
+                   help="the Zarr feature store: a path (STORE.zarr) or an fsspec URL (s3://bucket/store.zarr); "
+                        "required unless --resume")
     t.add_argument("--out", type=Path, required=True, help="the run directory")
     m = t.add_argument_group("model and tokenizer")
     m.add_argument("--preset", choices=("tiny", "small", "base"), help="LM size (default small)")
@@ -54,45 +57,49 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--summary-layers", type=int, help="VideoSummary layers per query set (default 2)")
     m.add_argument("--summary-heads", type=int, help="attention heads of the VideoSummary (default 8)")
     m.add_argument("--combine", choices=("sum", "concat"), help="how spatial and temporal queries join")
-    m.add_argument("--token-mlp", action="store_true", default=None,
+    m.add_argument("--token-mlp", action="store_true",
                    help="a residual MLP on every frame token before the VideoSummary's queries read them (default "
                         "off): lets the summary use features that are non-linear in the frozen CLIP tokens")
     m.add_argument("--projector", choices=("linear", "mlp"), help="vision -> LM projector (default mlp)")
     m.add_argument("--system", help="system prompt of the chat template (default none)")
-    m.add_argument("--max-len", type=int, default=1024, help="tokens per sample; longer ones are cut")
+    m.add_argument("--max-len", type=int, help="tokens per sample; longer ones are cut (default 1024)")
     s = t.add_argument_group("schedule")
     length = s.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=1.0, help="passes over the training samples (default 1)")
+    length.add_argument("--epochs", type=float, help="passes over the training samples (default 1)")
     length.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
-    s.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch")
-    s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    s.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
-    s.add_argument("--lm-lr-ratio", type=float, default=0.1,
+    s.add_argument("--batch-size", type=int, help="per process and micro-batch (default 16)")
+    s.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
+    s.add_argument("--lm-lr-ratio", type=float,
                    help="the LM's learning rate as a fraction of --lr (default 0.1: a fresh LM at the full rate "
                         "learns the answer format so fast that the video signal is drowned)")
-    s.add_argument("--text-only-fraction", type=float, default=0.0,
+    s.add_argument("--text-only-fraction", type=float,
                    help="also train on text-only copies (video left out) of this share of the training samples, so "
                         "that the model has a language prior for prompts without a video (default 0)")
-    s.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at lr x this (default 0.1)")
+    s.add_argument("--min-lr-ratio", type=float, help="the cosine ends at lr x this (default 0.1)")
     s.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the run)")
-    s.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    s.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    s.add_argument("--train", type=_parts, default=("summary", "projector", "lm"), dest="train_parts",
+    s.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    s.add_argument("--clip", type=float, help="max gradient norm (0: no clipping; default 1.0)")
+    s.add_argument("--train", type=_parts, dest="train_parts",
                    metavar="PARTS", help="comma-separated parts that learn: summary,projector,lm (default all)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
+    s.add_argument("--seed", type=int, help="seed of the weights and the data order (default 0)")
     r = t.add_argument_group("machinery")
-    r.add_argument("--feature-cache", choices=("disk", "ram", "gpu"), default="disk",
+    r.add_argument("--feature-cache", choices=("disk", "ram", "gpu"),
                    help="disk: read the store in DataLoader workers; ram: load the needed rows once into host memory; "
                         "gpu: keep them on the GPU (default disk)")
-    r.add_argument("--workers", type=int, default=2, help="DataLoader workers for --feature-cache disk")
+    r.add_argument("--workers", type=int, help="DataLoader workers for --feature-cache disk (default 2)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    r.add_argument("--eval-every", type=int, default=0, help="val loss every N steps (0: at the end)")
-    r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-    r.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its own settings (config.json); "
+                        "flags given must match them, except machinery and length (--steps, --feature-cache, ...)")
+    r.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on although the manifest or the store changed since the run started")
+    r.add_argument("--eval-every", type=int, help="val loss every N steps (default 0: at the end)")
+    r.add_argument("--save-every", type=int, help="checkpoint every N steps (default 0: at the end)")
+    r.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
     r.add_argument("--stop-after", type=int, help="stop with a checkpoint after N steps of this launch")
-    r.add_argument("--log-every", type=int, default=1, help="metrics.jsonl line every N steps")
+    r.add_argument("--log-every", type=int, help="metrics.jsonl line every N steps (default 1)")
     r.add_argument("--threads", type=int, help=THREADS_HELP)
 
     e = sub.add_parser("eval", help="validation loss and answer accuracy of a run (JSON)")
@@ -162,9 +169,17 @@ def _read_question() -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from trainer.train import TrainConfig, train
+        from trainer.errors import TrainerError
+        from trainer.train import TrainConfig, resume_config, train
 
-        result = train(_config(TrainConfig, args))
+        given = {k: v for k, v in vars(args).items() if k != "command"}
+        if given.pop("resume", False):
+            cfg = resume_config(given.pop("out"), **given)
+        elif "manifest" not in given or "store" not in given:
+            raise TrainerError("train needs --manifest and --store (or --resume to continue the run in --out)")
+        else:
+            cfg = TrainConfig(**given)
+        result = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             loss = f"{result.loss:.4f}" if result.loss is not None else "-"
             val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -129,3 +130,116 @@ def cli_args(**kwargs) -> list[str]:
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# --- killing a training process at a chosen moment of a write -------------------------------------
+
+# Each moment: where a training process is killed (SIGKILL, as `kill -9` or the OOM killer would)
+# on the nth time it gets there. The patches wrap the library calls the trainer makes; the trainer
+# itself has no hook.
+KILL_MOMENTS = {
+    "model.safetensors written": "after save_model returns",
+    "optimizer.safetensors half written": "after save_file, the file cut to half its bytes",
+    "before state.json": "when state.json is about to be written",
+    "state.json half written": "state.json holding half of its text",
+    "renamed, old ones not yet deleted": "right after the checkpoint's rename",
+    "an old checkpoint half deleted": "inside the deletion of an old checkpoint, one file gone",
+    "config.json half written": "config.json's temporary file holding half of its text",
+    "metrics line half written": "metrics.jsonl holding half of a line",
+}
+
+
+def install_kill(moment: str, nth: int) -> None:
+    """Patch this process so that it SIGKILLs itself at ``moment`` (a `KILL_MOMENTS` key) the
+    ``nth`` time it is reached; for a subprocess that then runs ``run_train.main``."""
+    import shutil
+    import signal
+
+    import trainer.checkpoint as checkpoint
+    import trainer.metrics as metrics
+
+    if moment not in KILL_MOMENTS:
+        raise ValueError(f"unknown kill moment {moment!r}")
+    count = [0]
+
+    def due() -> bool:
+        count[0] += 1
+        return count[0] == nth
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def half(path: Path, text: str) -> None:
+        Path(path).write_bytes(text.encode()[: len(text.encode()) // 2])
+
+    save_model, save_file, write_text = checkpoint.save_model, checkpoint.save_file, Path.write_text
+    replace, rmtree, append = os.replace, shutil.rmtree, metrics.MetricsLog.append
+
+    if moment == "model.safetensors written":
+        def patched_save_model(*args, **kwargs):
+            save_model(*args, **kwargs)
+            if due():
+                die()
+        checkpoint.save_model = patched_save_model
+    elif moment == "optimizer.safetensors half written":
+        def patched_save_file(tensors, filename, *args, **kwargs):
+            save_file(tensors, filename, *args, **kwargs)
+            if due():
+                os.truncate(filename, os.path.getsize(filename) // 2)
+                die()
+        checkpoint.save_file = patched_save_file
+    elif moment in ("before state.json", "state.json half written", "config.json half written"):
+        target = "config.json.tmp" if moment.startswith("config") else "state.json"
+
+        def patched_write_text(self, data, *args, **kwargs):
+            if self.name == target and due():
+                if moment != "before state.json":
+                    half(self, data)
+                die()
+            return write_text(self, data, *args, **kwargs)
+        Path.write_text = patched_write_text
+    elif moment == "renamed, old ones not yet deleted":
+        def patched_replace(src, dst, *args, **kwargs):
+            replace(src, dst, *args, **kwargs)
+            if Path(src).name.startswith(".tmp-step-") and due():
+                die()
+        os.replace = patched_replace
+    elif moment == "an old checkpoint half deleted":
+        def patched_rmtree(path, *args, **kwargs):
+            path = Path(path)
+            if path.parent.name == "checkpoints" and (path / "model.safetensors").is_file() and due():
+                (path / "model.safetensors").unlink()
+                die()
+            return rmtree(path, *args, **kwargs)
+        shutil.rmtree = patched_rmtree
+    elif moment == "metrics line half written":
+        def patched_append(self, record):
+            if due():
+                with open(self.path, "a") as f:
+                    line = json.dumps(record) + "\n"
+                    f.write(line[: len(line) // 2])
+                die()
+            return append(self, record)
+        metrics.MetricsLog.append = patched_append
+
+
+def run_killed(jobs: list[tuple[str, int, list[str]]], timeout: float = 600) -> list[int]:
+    """Run ``run_train.py train FLAGS`` once per job ``(moment, nth, FLAGS)``, each killed at its
+    moment (`install_kill`); returns each run's exit status (-9: killed). One launcher process
+    imports the trainer once and forks a child per job (nothing has run in it yet: no thread, no
+    event loop to inherit), which saves the seconds of importing torch for every job."""
+    script = ("import json, os, sys, trainer_helpers, run_train, trainer.train\n"
+              f"statuses = []\n"
+              f"for moment, nth, flags in {jobs!r}:\n"
+              "    pid = os.fork()\n"
+              "    if pid == 0:\n"
+              "        trainer_helpers.install_kill(moment, nth)\n"
+              "        os._exit(run_train.main(['train', *flags]))\n"
+              "    status = os.waitpid(pid, 0)[1]\n"
+              "    statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))\n"
+              "print(json.dumps(statuses))\n")
+    env = subprocess_env(Path(__file__).resolve().parent, OMP_NUM_THREADS="1")
+    proc = subprocess.run([PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the kill launcher failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,15 +4,25 @@
         model.safetensors       every weight of the VideoLM (a tied head stored once)
         optimizer.safetensors   the optimizer's per-parameter tensors, named "<param>/<key>"
         state.json              step, epoch, optimizer hyper-parameters (by parameter name),
-                                RNG states (as lists of numbers), the metrics position
+                                RNG states (as lists of numbers), the metrics position, and the
+                                size and sha256 of the two safetensors files
 
-A checkpoint is written into ``.tmp-step-...`` and renamed, so a crash never leaves half of one;
-a directory without ``state.json`` is not a checkpoint. Only the last ``keep`` are kept.
-Loading reads safetensors and JSON only: nothing is unpickled.
+Writing: a checkpoint is written into ``.tmp-step-...``, fsynced and renamed, and an old one is
+renamed back to ``.tmp-...`` before it is deleted, so a kill at any moment leaves every
+``step-*`` directory complete; a directory without ``state.json`` is not a checkpoint, and a
+resumed run deletes the ``.tmp-*`` leftovers (`remove_leftovers`). Only the last ``keep`` are kept.
+
+Loading reads safetensors and JSON only: nothing is unpickled, so a file carrying a pickle
+payload is refused as not being safetensors or JSON, and its payload never runs. A checkpoint
+whose files are truncated, corrupted (their sha256 is not the one state.json recorded) or do not
+fit the model is refused with one line naming the file. Resuming does not fall back to the
+previous checkpoint by itself: the error names the checkpoint to delete to do so, because a
+silent fallback would hide a damaged disk and quietly redo finished steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -34,6 +45,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = ".tmp-"  # prefix of a checkpoint being written or deleted
+WEIGHT_FILES = ("model.safetensors", "optimizer.safetensors")
 
 
 def checkpoint_dir(run: Path) -> Path:
@@ -52,6 +65,16 @@ def list_checkpoints(run: Path) -> list[Path]:
 def latest_checkpoint(run: Path) -> Path | None:
     found = list_checkpoints(run)
     return found[-1] if found else None
+
+
+def remove_leftovers(run: Path) -> None:
+    """Delete what a killed save or deletion left (``.tmp-*`` directories): never a checkpoint."""
+    root = checkpoint_dir(run)
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(_LEFTOVER):
+                log.info("removing %s, left by an interrupted checkpoint write", path)
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def require_checkpoint(run: Path) -> Path:
@@ -151,11 +174,11 @@ def save_checkpoint(
     keep: int,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and delete all but the last ``keep``."""
+    """Write checkpoint ``step`` atomically and delete all but the last ``keep`` (module docstring)."""
     root = checkpoint_dir(run)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{_LEFTOVER}{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -169,41 +192,136 @@ def save_checkpoint(
         "optimizer": {"type": type(optimizer).__name__, "param_groups": groups},
         "rng": rng_state(),
         "extra": extra or {},
+        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in WEIGHT_FILES},
     }
     (tmp / "state.json").write_text(json.dumps(state) + "\n")
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again: set the old one aside first, never delete it in place
+        _withdraw(final)
     os.replace(tmp, final)
+    _fsync_dir(root)
     for old in list_checkpoints(run)[: -max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        _withdraw(old)
     log.info("checkpoint %s", final)
     return final
 
 
-def load_weights(model: nn.Module, ckpt: Path, device: torch.device | str = "cpu") -> None:
-    """Load a checkpoint's model.safetensors into ``model`` (every tensor must match)."""
-    file = Path(ckpt) / "model.safetensors"
+def _withdraw(ckpt: Path) -> None:
+    """Delete a checkpoint: renamed to a leftover name first, so a kill while its files are being
+    deleted never leaves a half-deleted ``step-*`` that reads as complete."""
+    aside = ckpt.with_name(f"{_LEFTOVER}old-{ckpt.name}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(ckpt, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _damaged(file: Path, what: str, verb: str = "is damaged:") -> TrainerError:
+    """The one-line error for a damaged checkpoint file, with what the user can do about it."""
+    ckpt = file.parent
+    earlier = [p for p in list_checkpoints(ckpt.parent.parent) if p.name < ckpt.name]
+    hint = (f"delete {ckpt} to resume from {earlier[-1].name}" if earlier
+            else "no earlier checkpoint to fall back on")
+    return TrainerError(f"{file} {verb} {what}; {hint}")
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """state.json of a checkpoint, checked for the fields loading needs (JSON only, never a pickle)."""
+    file = Path(ckpt) / "state.json"
+    try:
+        state = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _damaged(file, f"not readable JSON ({type(err).__name__})") from err
+    if not isinstance(state, dict):
+        raise _damaged(file, "not a JSON object")
+    if state.get("format_version") != STATE_VERSION:
+        raise TrainerError(f"{file}: training-state version {state.get('format_version')!r}, expected {STATE_VERSION}")
+    try:
+        ok = (isinstance(state["step"], int) and state["step"] >= 0 and isinstance(state["epoch"], int)
+              and all(isinstance(g["params"], list) for g in state["optimizer"]["param_groups"])
+              and isinstance(state["rng"], dict) and isinstance(state.get("files", {}), dict))
+    except (KeyError, TypeError) as err:
+        raise _damaged(file, f"a training state without {err}") from err
+    if not ok:
+        raise _damaged(file, "a field of the training state has the wrong type")
+    return state
+
+
+def _check_file(ckpt: Path, name: str, state: dict[str, Any]) -> Path:
+    """The path of ``name``, after checking its size and sha256 against state.json (checkpoints
+    written before state.json recorded them are only checked by their loader)."""
+    file = Path(ckpt) / name
     if not file.is_file():
-        raise TrainerError(f"{ckpt}: no model.safetensors")
+        raise _damaged(file, "missing")
+    expected = state.get("files", {}).get(name)
+    if expected is not None:
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            raise _damaged(file, f"{size} bytes, state.json recorded {expected.get('bytes')} (truncated?)")
+        if _sha256(file) != expected.get("sha256"):
+            raise _damaged(file, "its sha256 is not the one state.json recorded")
+    return file
+
+
+def load_weights(model: nn.Module, ckpt: Path, device: torch.device | str = "cpu", state: dict[str, Any] | None = None) -> None:
+    """Load a checkpoint's model.safetensors into ``model`` (every tensor must match)."""
+    file = _check_file(ckpt, "model.safetensors", state if state is not None else read_state(ckpt))
     try:
         missing, unexpected = load_model(model, str(file), strict=False, device=str(device))
-    except RuntimeError as err:  # shape mismatch
-        raise TrainerError(f"{file} does not fit this model ({str(err).splitlines()[0]})") from err
+    except SafetensorError as err:
+        raise _damaged(file, f"not a safetensors file ({str(err).splitlines()[0]})") from err
+    except RuntimeError as err:  # shape mismatch: torch's first detail line names the tensor
+        detail = next((line.strip() for line in str(err).splitlines() if "mismatch" in line), str(err).splitlines()[0])
+        raise _damaged(file, f"({detail.rstrip('.')})", "does not fit this model") from err
     if missing or unexpected:
-        raise TrainerError(f"{file} does not fit this model: {len(missing)} missing, {len(unexpected)} unexpected tensors")
+        raise _damaged(file, f"{len(missing)} missing, {len(unexpected)} unexpected tensors", "does not fit this model:")
+
+
+def _check_optimizer_tensors(file: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor must belong to a parameter and have its shape (or be a scalar such as
+    ``step``): torch would otherwise accept it and fail later, deep inside ``optimizer.step``."""
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, _, _field = key.rpartition("/")
+        if name not in params:
+            raise _damaged(file, f"{key} names no parameter of this model")
+        if value.ndim and value.shape != params[name].shape:
+            raise _damaged(file, f"{key} has shape {tuple(value.shape)}, the parameter {tuple(params[name].shape)}")
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainingState:
-    """Restore weights, optimizer and RNG states; returns the scalars."""
-    state = json.loads((Path(ckpt) / "state.json").read_text())
-    if state.get("format_version") != STATE_VERSION:
-        raise TrainerError(f"{ckpt}: training-state version {state.get('format_version')!r}, expected {STATE_VERSION}")
-    load_weights(model, ckpt, device)
+    """Restore weights, optimizer and RNG states; returns the scalars. A damaged file is refused
+    with one line naming it (module docstring)."""
+    state = read_state(ckpt)
+    load_weights(model, ckpt, device, state)
     # on the CPU: load_state_dict moves each tensor where its parameter's policy wants it
-    tensors = load_file(str(Path(ckpt) / "optimizer.safetensors"))
+    file = _check_file(ckpt, "optimizer.safetensors", state)
+    try:
+        tensors = load_file(str(file))
+    except SafetensorError as err:
+        raise _damaged(file, f"not a safetensors file ({str(err).splitlines()[0]})") from err
+    _check_optimizer_tensors(file, model, tensors)
     load_optimizer(model, optimizer, tensors, state["optimizer"]["param_groups"])
-    set_rng_state(state["rng"])
+    try:
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _damaged(Path(ckpt) / "state.json", f"its RNG states do not load ({type(err).__name__})") from err
     return TrainingState(step=state["step"], epoch=state["epoch"], extra=state.get("extra", {}))

@@ -18,6 +18,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes of this node (torchrun's LOCAL_WORLD_SIZE)
     device: torch.device = torch.device("cpu")
 
     @property
@@ -50,6 +51,7 @@ def init_distributed(device_name: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise TrainerError(f"--device {device_name}: CUDA is not available")
@@ -64,4 +66,4 @@ def init_distributed(device_name: str | None = None) -> Dist:
             timeout=datetime.timedelta(minutes=30),
             **({"device_id": device} if use_cuda else {}),
         )
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, device=device)

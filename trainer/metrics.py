@@ -28,9 +28,18 @@ class MetricsLog:
         self.path = Path(path)
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a last line cut short (the machine died while it was appended) is left
+        out, as the resumed run that follows rewrites what came after its checkpoint anyway."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            try:
+                json.loads(lines[-1])
+            except ValueError:
+                lines.pop()
+        return [json.loads(line) for line in lines if line.strip()]
 
     def truncate_after(self, step: int) -> None:
         """Keep only what was logged up to ``step`` (a resumed run repeats what came after)."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from model import VideoLM, VideoLMConfig
-from trainer.checkpoint import load_weights, require_checkpoint
+from trainer.checkpoint import load_weights, read_state, require_checkpoint
 from trainer.errors import TrainerError
 from trainer.tokenization import ChatTokenizer
 
@@ -43,7 +43,12 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
     path = config_path(run)
     if not path.is_file():
         raise TrainerError(f"{run} is not a training run (no config.json)")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise TrainerError(f"{path} is damaged: not readable JSON ({type(err).__name__})") from err
+    if not isinstance(config, dict):
+        raise TrainerError(f"{path} is damaged: not a JSON object")
     if config.get("format_version") != RUN_FORMAT_VERSION:
         raise TrainerError(f"{path}: run format version {config.get('format_version')!r}, expected {RUN_FORMAT_VERSION}")
     return config
@@ -119,11 +124,12 @@ def load_run(run: str | Path, device: torch.device | None = None) -> LoadedRun:
     ckpt = require_checkpoint(run)
     device = device or pick_device()
     model = VideoLM(VideoLMConfig.from_dict(config["model"]))
-    load_weights(model, ckpt)
+    state = read_state(ckpt)
+    load_weights(model, ckpt, state=state)
     model.to(device).eval()
     tok = run_tokenizer(run, config)
     if tok.video_id != model.cfg.video_token_id:
         raise TrainerError(f"{run}: tokenizer.json's video token id {tok.video_id} is not the model's {model.cfg.video_token_id}")
-    step = json.loads((ckpt / "state.json").read_text())["step"]
+    step = state["step"]
     log.info("loaded %s (step %d) on %s", run, step, device)
     return LoadedRun(run=run, config=config, model=model, tok=tok, checkpoint=ckpt, step=step)

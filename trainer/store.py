@@ -12,16 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import StorageError
+from pipeline.errors import ExtractError, StorageError
 from pipeline.storage import StoreLocation, is_url, storage_errors
-from pipeline.store import open_group, read_commit
-from pipeline.store_format import FORMAT_VERSION, PENDING, SIGNATURE_KEYS, is_done, n_shards, shard_rows
+from pipeline.store import check_store, open_group, read_attrs, read_commit
+from pipeline.store_format import PENDING, SIGNATURE_KEYS, is_done, n_shards, shard_rows
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class StoreInfo:
     attrs: dict[str, Any]
     status: np.ndarray  # (N,) uint8; rows of shards that are not done read as pending
     shape: tuple[int, int, int, int]  # tokens: (N, F, T, D)
+    shard_data: dict[int, str] = field(default_factory=dict)  # done shard -> its commit's data_sha256
 
     @property
     def n_rows(self) -> int:
@@ -84,31 +85,29 @@ def _open_store(path: str | Path) -> StoreInfo:
     location = StoreLocation(path)
     if not location.exists():
         raise TrainerError(f"no such feature store: {location}")
-    try:
-        group = open_group(location)
-    except Exception as err:  # zarr raises several types for "not a group"
-        raise TrainerError(f"{location} is not a Zarr feature store ({type(err).__name__})") from err
-    attrs = dict(group.attrs)
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise TrainerError(f"{location}: store format version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
-    missing = [name for name in ("tokens", "status") if name not in group]
-    if missing:
-        raise TrainerError(f"{location}: store has no {', '.join(missing)} array")
-    tokens = group["tokens"]
-    if tokens.ndim != 4 or tokens.dtype != np.float16:
-        raise TrainerError(f"{location}: tokens must be a (N, F, T, D) float16 array, found {tokens.shape} {tokens.dtype}")
-    shape = tuple(int(s) for s in tokens.shape)
-    expected = (attrs.get("frames"), attrs.get("tokens_per_frame"), attrs.get("width"))
-    if shape[1:] != expected:
-        raise TrainerError(f"{location}: tokens have shape {shape} but the attributes say (F, T, D) = {expected}")
+    attrs = read_attrs(location)
+    if attrs is None:
+        raise TrainerError(f"{location} is not a Zarr feature store (no attributes in zarr.json)")
+    try:  # the attributes must be whole and agree with the arrays: rows are read by them
+        check_store(location, attrs)
+    except ExtractError as err:
+        raise TrainerError(f"store {err}") from err
+    group = open_group(location)
+    shape = tuple(int(s) for s in group["tokens"].shape)
     status = np.asarray(group["status"][:], dtype=np.uint8)
-    if status.shape != (shape[0],):
-        raise TrainerError(f"{location}: status has shape {status.shape}, tokens {shape[0]} rows")
+    shard_data = {}
     for shard in range(n_shards(attrs)):
-        if not is_done(read_commit(location, shard), attrs):
+        commit = read_commit(location, shard)
+        if is_done(commit, attrs):
+            shard_data[shard] = str(commit.get("data_sha256"))  # type: ignore[union-attr]
+        else:
             start, stop = shard_rows(attrs, shard)
             status[start:stop] = PENDING
-    return StoreInfo(path=location.url, attrs=attrs, status=status, shape=shape)  # type: ignore[arg-type]
+    if len(shard_data) < n_shards(attrs):
+        log.warning("store %s: %d of %d shards are not done (no whole, matching commit record); their rows are "
+                    "skipped (`run_extract.py verify` says why)", location, n_shards(attrs) - len(shard_data),
+                    n_shards(attrs))
+    return StoreInfo(path=location.url, attrs=attrs, status=status, shape=shape, shard_data=shard_data)  # type: ignore[arg-type]
 
 
 def check_store_matches_manifest(store: StoreInfo, manifest: Any) -> None:

@@ -7,7 +7,12 @@ One loop serves every kind of run; what differs is configuration:
   training: first ``--train summary,projector`` with the LM frozen, then everything);
 - ``--resume`` continues this run from its last checkpoint, bit for bit: the data order is a
   function of (seed, epoch, step) (`trainer.data.BatchPlan`), the schedule a function of the
-  step, and the weights, optimizer and RNG states are restored exactly.
+  step, and the weights, optimizer and RNG states are restored exactly. Every setting not retyped
+  comes from the run's config.json (`resume_config`); one that is retyped must equal the run's
+  unless it is in `RESUMABLE_CHANGES`. The data must be the data the run started on (`data_identity`:
+  the manifest's files, the store's shard checksums): a grown manifest or a rebuilt store changes
+  what "continue bit for bit" means, so it is refused, naming what changed, unless
+  ``--allow-data-change`` says to go on (the run's config.json then records the change).
 
 The loss of an optimizer step is the mean next-token loss over every labelled token of the
 global batch (all micro-batches of all ranks), so one process with batch 2B, one with batch B
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -33,7 +39,8 @@ from tqdm import tqdm
 
 from manifests.manifest import ManifestError, load_manifest
 from model import CheckpointError, LMConfig, ProjectorConfig, SummaryConfig, VideoLM, VideoLMConfig, lm_preset, read_lm_config
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, load_weights, require_checkpoint, save_checkpoint
+from trainer.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, remove_leftovers, require_checkpoint,
+                                save_checkpoint)
 from trainer.data import (FEATURE_CACHES, BatchDataset, BatchPlan, BatchStream, add_text_only, build_examples,
                           make_features)
 from trainer.distributed import Dist, init_distributed
@@ -41,8 +48,8 @@ from trainer.errors import TrainerError
 from trainer.evaluate import validation_loss
 from trainer.loss import autocast, token_loss_sum
 from trainer.metrics import MetricsLog, plot_loss
-from trainer.run import cpu_threads, read_run_config, write_run_config
-from trainer.store import check_same_signature, check_store_matches_manifest, open_store
+from trainer.run import config_path, cpu_threads, read_run_config, write_run_config
+from trainer.store import StoreInfo, check_same_signature, check_store_matches_manifest, open_store
 from trainer.tokenization import DEFAULT_VOCAB_SIZE, VIDEO_TOKEN, ChatTokenizer, conversation_texts, train_bpe
 
 log = logging.getLogger(__name__)
@@ -53,7 +60,11 @@ DEFAULT_PRESET = "small"
 RESUMABLE_CHANGES = {
     "resume", "stop_after", "eval_every", "save_every", "keep", "workers", "feature_cache",
     "compile", "device", "manifest", "store", "out", "steps", "epochs", "log_every", "threads",
+    "allow_data_change",
 }
+# settings of one launch only: `--resume` never takes them from the run's config.json
+PER_LAUNCH = ("resume", "stop_after", "allow_data_change", "out")
+PATH_SETTINGS = ("manifest", "out", "init_lm", "init_from", "tokenizer")
 # Settings added after the first runs were made, and what a run made before them did: a run's
 # config.json without the key was trained with this value.
 SETTINGS_BEFORE_THEY_EXISTED = {"lm_lr_ratio": 1.0, "text_only_fraction": 0.0}
@@ -105,6 +116,7 @@ class TrainConfig:
     compile: bool = False
     device: str | None = None
     resume: bool = False
+    allow_data_change: bool = False  # resume on a manifest or store that changed since the run started
     eval_every: int = 0  # steps; 0 = at the end only
     save_every: int = 0  # steps; 0 = at the end only
     keep: int = 2
@@ -170,9 +182,66 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 # --- setting a run up ----------------------------------------------------------------------------
 
 
+def resume_config(out: Path, **given: Any) -> TrainConfig:
+    """`run_train.py train --out RUN --resume [flags]`: the run's own settings (its config.json)
+    with the ``given`` flags on top, so that nothing needs retyping; `train` then refuses a given
+    flag that differs from the run's and is not in `RESUMABLE_CHANGES`. Settings of one launch
+    (`PER_LAUNCH`, e.g. ``--stop-after``) are never taken from the run."""
+    saved = read_run_config(out)["train"]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in {**SETTINGS_BEFORE_THEY_EXISTED, **saved}.items():
+        if key in names and key not in PER_LAUNCH:
+            values[key] = Path(value) if key in PATH_SETTINGS and value is not None else value
+    values["train_parts"] = tuple(values.get("train_parts", PARTS))
+    return TrainConfig(**{**values, **given, "out": Path(out), "resume": True})
+
+
+def data_identity(manifest: Any, store: StoreInfo) -> dict[str, Any]:
+    """What the run's data is, to tell on resume whether it changed: the manifest's files (sha256
+    and counts of videos.jsonl and samples.jsonl, read as they are, so a hand edit counts) and the
+    store's done shards with their commit checksums (a rebuilt shard with other data has another)."""
+    files: dict[str, Any] = {"manifest_id": manifest.manifest_id, "fingerprint": manifest.fingerprint}
+    for name in ("videos", "samples"):
+        h, lines = hashlib.sha256(), 0
+        with open(Path(manifest.dir) / f"{name}.jsonl", "rb") as f:
+            for line in f:
+                h.update(line)
+                lines += 1
+        files[name] = lines
+        files[f"{name}_sha256"] = h.hexdigest()
+    return {"manifest": files, "store_shards": {str(k): v for k, v in sorted(store.shard_data.items())}}
+
+
+def data_changes(before: dict[str, Any], now: dict[str, Any], manifest_path: Any, store_path: str) -> list[str]:
+    """What differs between two `data_identity` records, one phrase each (empty: nothing)."""
+    changes = []
+    old, new = before["manifest"], now["manifest"]
+    if old.get("manifest_id") != new["manifest_id"]:
+        changes.append(f"manifest {manifest_path} is another manifest (id {new['manifest_id']}, the run's was {old.get('manifest_id')})")
+    elif "videos_sha256" in old and (old["videos_sha256"], old["samples_sha256"]) != (new["videos_sha256"], new["samples_sha256"]):
+        changes.append(f"manifest {manifest_path} changed: {old['videos']} videos and {old['samples']} samples "
+                       f"when the run started, {new['videos']} and {new['samples']} now")
+    elif old.get("fingerprint") != new["fingerprint"]:  # a run made before the files were recorded
+        changes.append(f"manifest {manifest_path} changed (fingerprint {old.get('fingerprint')}, now {new['fingerprint']})")
+    if "store_shards" in before:  # runs made before it was recorded are checked by signature only
+        was, is_ = before["store_shards"], now["store_shards"]
+        for what, shards in (("hold other data (rebuilt)", [k for k in is_ if k in was and is_[k] != was[k]]),
+                             ("were extracted since", [k for k in is_ if k not in was]),
+                             ("are no longer done", [k for k in was if k not in is_])):
+            if shards:
+                changes.append(f"store {store_path}: shards {', '.join(shards[:8])}{' ...' if len(shards) > 8 else ''} {what}")
+    return changes
+
+
 def _prepare_out(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The run's own earlier config when resuming, else None; refuses to overwrite a run."""
+    """The run's own earlier config when resuming, else None; refuses to overwrite a run. A run
+    whose first launch died before writing its config.json (and so has no checkpoint) resumes by
+    starting."""
     out = Path(cfg.out)
+    if cfg.resume and not config_path(out).is_file() and out.is_dir() and latest_checkpoint(out) is None:
+        log.info("%s has no config.json: its first launch stopped before writing it; starting it", out)
+        return None
     if cfg.resume:
         saved = read_run_config(out)
         old = {**SETTINGS_BEFORE_THEY_EXISTED, **saved["train"]}
@@ -187,6 +256,23 @@ def _prepare_out(cfg: TrainConfig) -> dict[str, Any] | None:
     if (out / "config.json").exists() or latest_checkpoint(out) is not None:
         raise TrainerError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     return None
+
+
+def _update_run_config(out: Path, saved: dict[str, Any], cfg: TrainConfig, total: int, data: dict[str, Any],
+                       changed: list[str], resume_ckpt: Path | None) -> None:
+    """On resume, record the settings this launch changed (a longer ``--steps``, another
+    ``--feature-cache``) so that a later plain ``--resume`` continues with them, and data changes
+    that ``--allow-data-change`` accepted, with the step they took effect at (``data``: the
+    manifest, store, data and data_identity records of this launch)."""
+    before = {k: v for k, v in saved.items() if k != "format_version"}
+    config = {**before, "train": cfg.record(), "total_steps": total}
+    if changed:
+        at = int(resume_ckpt.name.split("-")[-1]) if resume_ckpt is not None else 0
+        config.update(data, data_changes=[*saved.get("data_changes", []), {"step": at, "changes": changed}])
+    elif "data_identity" not in saved:  # a run made before it was recorded: from now on it is
+        config["data_identity"] = data["data_identity"]
+    if config != before:
+        write_run_config(out, config)
 
 
 def _resolve_tokenizer(cfg: TrainConfig, manifest: Any, source: dict[str, Any] | None, dist: Dist) -> tuple[ChatTokenizer, str]:
@@ -344,8 +430,17 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     check_store_matches_manifest(store, manifest)
     if source is not None:
         check_same_signature(source["store"]["signature"], store, f"run {cfg.out if cfg.resume else cfg.init_from}")
+    identity = data_identity(manifest, store)
+    changed = data_changes(saved["data_identity"] if "data_identity" in saved else {"manifest": saved["manifest"]},
+                           identity, cfg.manifest, store.path) if saved is not None else []
+    if changed and not cfg.allow_data_change:
+        raise TrainerError(f"the data changed since {out} started: {'; '.join(changed)}; "
+                           "resume with --allow-data-change to train on it anyway")
+    for change in changed:
+        log.warning("resuming on changed data (--allow-data-change): %s", change)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out)
     dist.barrier()
 
     tok, tok_origin = _resolve_tokenizer(cfg, manifest, source, dist)
@@ -370,6 +465,15 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
             f"{plan.global_batch} (batch size x grad accum x processes); resume with the same"
         )
 
+    data = {
+        "store": {"path": store.path, "signature": store.signature, "attrs": store.attrs},
+        "manifest": {"path": str(manifest.dir), "manifest_id": manifest.manifest_id, "fingerprint": manifest.fingerprint},
+        "data": {
+            "train": {"samples": len(train_set), "skipped": dict(train_set.skipped), "truncated": train_set.truncated},
+            "val": {"samples": len(val_set), "skipped": dict(val_set.skipped), "truncated": val_set.truncated},
+        },
+        "data_identity": identity,
+    }
     if dist.is_main and saved is None:
         if not (out / "tokenizer.json").is_file():  # a trained one is already there
             tok.save(out)
@@ -382,17 +486,12 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
                 "video_id": tok.video_id, "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id,
             },
             "template": {"system": system},
-            "store": {"path": store.path, "signature": store.signature, "attrs": store.attrs},
-            "manifest": {"path": str(manifest.dir), "manifest_id": manifest.manifest_id, "fingerprint": manifest.fingerprint},
             "init": {"lm": str(cfg.init_lm) if cfg.init_lm else None, "from": str(init_ckpt) if init_ckpt else None},
             "global_batch": plan.global_batch,
             "world_size": dist.world,
             "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": total,
-            "data": {
-                "train": {"samples": len(train_set), "skipped": dict(train_set.skipped), "truncated": train_set.truncated},
-                "val": {"samples": len(val_set), "skipped": dict(val_set.skipped), "truncated": val_set.truncated},
-            },
+            **data,
         })
     dist.barrier()
 
@@ -425,6 +524,8 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     elif saved is not None:
         log.info("%s has no checkpoint yet: starting it from the beginning", out)
     if dist.is_main:
+        if saved is not None:  # only now: a resume refused for a damaged checkpoint changes nothing
+            _update_run_config(out, saved, cfg, total, data, changed, resume_ckpt)
         if metrics.path.exists():
             metrics.truncate_after(step)
         else:
@@ -442,9 +543,10 @@ def _train(cfg: TrainConfig, dist: Dist, started: float) -> TrainResult:
     if cfg.compile:
         net = torch.compile(net)
 
-    features = make_features(cfg.feature_cache, store.path, train_set.rows, device)
+    features = make_features(cfg.feature_cache, store.path, train_set.rows, device, dist)
     stream = BatchStream(BatchDataset(train_set.items, features, tok.pad_id), plan, cfg.workers, pin_memory=device.type == "cuda")
-    val_features = make_features(cfg.feature_cache, store.path, val_set.rows, device) if len(val_set) else None
+    # only the main rank evaluates: the validation features are loaded there only
+    val_features = make_features(cfg.feature_cache, store.path, val_set.rows, device) if len(val_set) and dist.is_main else None
 
     def evaluate_now(at: int) -> float | None:
         if not len(val_set):
