@@ -3,8 +3,16 @@
 Only the sampled frames are decoded (decord `get_batch` on the sampled indices), already
 resized by the decoder so the short side is the encoder's input size. decord's `width` /
 `height` scale to exactly that size (FFmpeg `scale=W:H`, bicubic), so both are computed from the
-source size, which PyAV reads from the container header without decoding anything. The centre
-crop happens here, on uint8, so a decode worker ships 224x224x3 bytes per frame, not floats.
+source size, which PyAV reads from the container header. The centre crop happens here, on uint8,
+so a decode worker ships 224x224x3 bytes per frame, not floats. A 4K source is never held at full
+size in RGB: FFmpeg scales each decoded YUV picture before converting it.
+
+Frames come out upright, as a player shows them: decord turns each picture by the stream's
+display matrix (`transpose` before its `scale`), and `width` / `height` are the size after that
+turn, so for a 90 or 270 degree rotation the source size is the coded size swapped. The rotation
+is read from the first decoded picture's display matrix (PyAV has no stream-level accessor; one
+picture costs ~40 ms at 4K), the same side data decord reads. Mirroring matrices are not applied
+(decord reads only their rotation).
 
 An image is a one-frame video: PIL decodes and resizes it exactly as open_clip's transform does
 (bicubic), and its frame is repeated F times with `n_frames` 1.
@@ -44,15 +52,18 @@ class DecodedVideo:
 
 
 def probe_size(path: Path) -> tuple[int, int]:
-    """(width, height) of the first video stream, from the container header."""
+    """(width, height) of the first video stream as a player shows it: the coded size from the
+    container header, swapped when its display matrix turns it by 90 or 270 degrees."""
     import av
 
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DecodeError("no video stream")
-            ctx = container.streams.video[0].codec_context
-            width, height = ctx.width, ctx.height
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width > 0 and height > 0 and _rotation(container, stream) % 180:
+                width, height = height, width
     except DecodeError:
         raise
     except Exception as err:  # PyAV raises many error types for unreadable containers
@@ -60,6 +71,18 @@ def probe_size(path: Path) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise DecodeError(f"video stream has no frame size ({width}x{height})")
     return width, height
+
+
+def _rotation(container, stream) -> int:
+    """Degrees (counter-clockwise) the display matrix turns the pictures, from the first one
+    decoded; 0 when none decodes here (decord then gives the real reason)."""
+    stream.thread_count = 1
+    try:
+        for frame in container.decode(stream):
+            return int(frame.rotation)
+    except Exception:  # noqa: BLE001 - a broken stream is decord's to report, with its own words
+        pass
+    return 0
 
 
 def decode_video(path: Path, spec: DecodeSpec, indices: list[int] | None = None) -> DecodedVideo:
