@@ -10,7 +10,9 @@ only after they are whole, so no kill leaves a half-rewritten shard counted as d
 from __future__ import annotations
 
 import json
+import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ from pipeline.errors import ExtractError
 from pipeline.storage import StoreLocation
 from pipeline.store_format import (
     ARRAYS,
+    LEASES,
     PENDING,
     SPEC_KEYS,
     array_problems,
@@ -33,6 +36,8 @@ from pipeline.store_format import (
 )
 
 CREATE_WAIT_S = 10.0  # how long a job waits for another that is creating the same store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,13 +112,13 @@ def open_or_create(location: StoreLocation, attrs: dict[str, Any]) -> zarr.Group
     Two jobs may start on a new store at once: one creates it, the other waits and opens it."""
     have = read_attrs(location)
     if have is None and not location.is_empty_or_absent():
-        have = _wait_for_creator(location)
+        have = _wait_for_creator(location, attrs)
     if have is None:
         try:
             with location.errors():
                 return _create(location, attrs)
         except zarr.errors.ContainsGroupError:
-            have = _wait_for_creator(location)
+            have = _wait_for_creator(location, attrs)
     check_store(location, have, attrs["n_rows"])
     check_compatible(have, attrs, location)
     if attrs["n_rows"] < have["n_rows"]:
@@ -132,32 +137,65 @@ def open_or_create(location: StoreLocation, attrs: dict[str, Any]) -> zarr.Group
 
 
 def _create(location: StoreLocation, attrs: dict[str, Any]) -> zarr.Group:
-    """A new store: the group with a `creating` mark first (never over an existing one: of two
-    jobs creating the same store one wins and the other waits), then the arrays, then the real
-    attributes, which make it a store (`read_attrs`)."""
+    """A new store: the group with a `creating` mark first (a random id; never over an existing
+    group: of two jobs creating the same store one wins and the other waits), then the arrays,
+    then the real attributes, which make it a store (`read_attrs`)."""
+    group = zarr.create_group(store=location.zarr_store(), zarr_format=3,
+                              attributes={"creating": uuid.uuid4().hex}, overwrite=False)
+    return _finish_creation(group, attrs, overwrite=False)
+
+
+def _finish_creation(group: zarr.Group, attrs: dict[str, Any], overwrite: bool) -> zarr.Group:
     n, s, f = attrs["n_rows"], attrs["shard_size"], attrs["frames"]
     t, d = attrs["tokens_per_frame"], attrs["width"]
-    group = zarr.create_group(store=location.zarr_store(), zarr_format=3, attributes={"creating": True},
-                              overwrite=False)
     group.create_array("tokens", shape=(n, f, t, d), chunks=(1, f, t, d), shards=(s, f, t, d), dtype="float16",
-                       fill_value=0)
-    group.create_array("frame_index", shape=(n, f), chunks=(s, f), dtype="int32", fill_value=0)
-    group.create_array("n_frames", shape=(n,), chunks=(s,), dtype="int32", fill_value=0)
-    group.create_array("status", shape=(n,), chunks=(s,), dtype="uint8", fill_value=PENDING)
+                       fill_value=0, overwrite=overwrite)
+    group.create_array("frame_index", shape=(n, f), chunks=(s, f), dtype="int32", fill_value=0, overwrite=overwrite)
+    group.create_array("n_frames", shape=(n,), chunks=(s,), dtype="int32", fill_value=0, overwrite=overwrite)
+    group.create_array("status", shape=(n,), chunks=(s,), dtype="uint8", fill_value=PENDING, overwrite=overwrite)
     group.attrs.put(attrs)
     return group
 
 
-def _wait_for_creator(location: StoreLocation) -> dict[str, Any]:
-    """The attributes of a store another job is creating right now; a one-line error when the
-    folder holds something else."""
+def _wait_for_creator(location: StoreLocation, attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of a store another job is creating; a one-line error when the folder holds
+    something else. A creation takes well under a second, so a `creating` mark still there after
+    CREATE_WAIT_S is a killed job's: exactly one waiting job (create-if-absent of a record named
+    after the mark) finishes that creation, with its own `attrs`; no shard can exist yet (shards
+    need the real attributes), and nothing else under the store is deleted."""
+    have = _poll_attrs(location)
+    if have is None and _take_over_creation(location, attrs):
+        return attrs
+    have = have or _poll_attrs(location)  # a job that took over finishes it meanwhile
+    if have is None:
+        raise ExtractError(f"{location} exists and is not a feature store; choose a new --store path")
+    return have
+
+
+def _poll_attrs(location: StoreLocation) -> dict[str, Any] | None:
     deadline = time.monotonic() + CREATE_WAIT_S
     while time.monotonic() < deadline:
         have = read_attrs(location)
         if have is not None:
             return have
         time.sleep(0.2)
-    raise ExtractError(f"{location} exists and is not a feature store; choose a new --store path")
+    return None
+
+
+def _take_over_creation(location: StoreLocation, attrs: dict[str, Any]) -> bool:
+    """Finish the creation of a store left with a `creating` mark, if this job is the one that
+    takes it over; False when the folder has no such mark or another job took it."""
+    with location.errors():
+        try:
+            group = zarr.open_group(store=location.zarr_store(), mode="r+")
+        except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError):
+            return False
+        mark = group.attrs.get("creating")
+        if not isinstance(mark, (str, bool)) or not location.create(f"{LEASES}/creation-{mark}.json", b"{}"):
+            return False
+        log.warning("%s: the job creating it was killed; this job finishes its creation", location)
+        _finish_creation(group, attrs, overwrite=True)
+    return True
 
 
 def check_compatible(have: dict[str, Any], want: dict[str, Any], location: StoreLocation) -> None:

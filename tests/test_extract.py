@@ -524,6 +524,23 @@ def test_kill_9_then_rerun_gives_identical_tokens(store_all, corpus, distributor
     assert not left_over, f"the rerun left temporary files: {left_over}"
 
 
+def test_a_creation_killed_midway_is_finished_by_the_next_job(store_all, corpus, tmp_path, monkeypatch):
+    """A job killed while creating the store leaves the group's `creating` mark and part of the
+    arrays: the next job waits (CREATE_WAIT_S), then finishes the creation and the extraction."""
+    import pipeline.store
+
+    reference, _ = store_all
+    store = tmp_path / "half_created.zarr"
+    group = zarr.create_group(store=str(store), zarr_format=3, attributes={"creating": "0f0f0f"})
+    group.create_array("tokens", shape=(3, 1), dtype="float16")  # what the killed job got to
+    monkeypatch.setattr(pipeline.store, "CREATE_WAIT_S", 0.5)
+    summary = _extract(corpus[1]["all"], store)
+    assert summary.shards_written == summary.shards_total and not summary.left_pending
+    a, b = zarr.open_group(reference, mode="r"), zarr.open_group(store, mode="r")
+    for name in ("tokens", "frame_index", "n_frames", "status"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
 def test_two_jobs_on_one_store_share_the_shards_and_both_finish(store_all, corpus, ray_cluster, tmp_path):
     """One job on Ray, one on this machine's processes, started together on one store."""
     reference, _ = store_all
