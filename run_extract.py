@@ -9,6 +9,7 @@ Heavy modules (torch, ray, open_clip) are imported only by the subcommand that n
 from __future__ import annotations
 
 import argparse
+import errno
 import atexit
 import dataclasses
 import logging
@@ -259,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk itself (full, read-only, over quota) outside a shard's write
+        if args.debug or e.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        print(f"error: {e}; nothing committed was lost: free space (or make it writable) and rerun",
+              file=sys.stderr)
         return 2
 
 

@@ -140,7 +140,11 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     started = time.time()
     location = StoreLocation(cfg.store)
     summary = _extract(cfg, location)
-    removed = location.remove_temporaries(older_than=min(started, time.time() - cfg.lease_ttl_s))
+    try:
+        removed = location.remove_temporaries(older_than=min(started, time.time() - cfg.lease_ttl_s))
+    except OSError as err:  # a store on a read-only mount: its leftovers never count anyway
+        log.warning("could not remove temporary files left in %s: %s", location, err)
+        removed = 0
     if removed:
         log.info("removed %d temporary files left by a killed job", removed)
     return summary

@@ -127,11 +127,12 @@ class DecodePool:
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # reasons: socket
         theirs.close()
         conn = Connection(ours.detach())
-        try:  # a process that never starts shows as DIED or HUNG on its first request
-            if conn.poll(STARTUP_S):
-                conn.recv()  # pipeline.decoder_process.READY: its imports are done
+        try:  # pipeline.decoder_process.READY: its imports are done
+            started = conn.poll(STARTUP_S) and conn.recv() is not None
         except (EOFError, OSError):
-            pass
+            started = False
+        if not started:  # killed, so that its first request is DIED (a late READY must never be
+            self.processes[i].kill()  # taken for that request's answer)
         return conn
 
     def _stop(self, i: int, conn: Connection) -> int:

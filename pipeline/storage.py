@@ -201,15 +201,17 @@ class StoreLocation:
                 pass
 
     def list(self, folder: str) -> list[str]:
-        """Names (not paths) of the objects directly in `folder`; [] when it does not exist."""
+        """Names (not paths) of the objects directly in `folder`, temporary files left out; []
+        when it does not exist."""
         with self.errors():
             try:
                 if self.remote:
-                    return sorted(p.rsplit("/", 1)[-1]
-                                  for p in self.fs.ls(self.path(folder), detail=False, refresh=True))
-                return sorted(os.listdir(self.path(folder)))
+                    names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(folder), detail=False, refresh=True)]
+                else:
+                    names = os.listdir(self.path(folder))
             except FileNotFoundError:
                 return []
+        return sorted(name for name in names if not name.endswith(TEMPORARY_SUFFIXES))
 
     def remove_temporaries(self, older_than: float) -> int:
         """Delete the temporary files (`TEMPORARY_SUFFIXES`) last written before `older_than` (a

@@ -285,6 +285,17 @@ def test_resume_alone_uses_the_runs_own_config(corpus, capsys):
     assert "step 7/7" in capsys.readouterr().out
 
 
+def test_resume_of_a_run_whose_first_launch_died_before_its_config(corpus, capsys):
+    """No config.json yet: `--resume` with the flags starts the run; without them, one line."""
+    args = run_args(corpus, "died-early", steps=2, batch_size=3)
+    args["out"].mkdir(parents=True)
+    capsys.readouterr()
+    assert run_train.main(["train", "--out", str(args["out"]), "--resume"]) == 2
+    assert "has no config.json yet" in capsys.readouterr().err
+    assert run_train.main(["train", *cli_args(**args), "--resume"]) == 0
+    assert latest_step(args["out"]) == 2
+
+
 # --- a RAM feature cache shared by the processes of a node -------------------------------------------
 
 RECORDER = """

@@ -186,7 +186,13 @@ def resume_config(out: Path, **given: Any) -> TrainConfig:
     """`run_train.py train --out RUN --resume [flags]`: the run's own settings (its config.json)
     with the ``given`` flags on top, so that nothing needs retyping; `train` then refuses a given
     flag that differs from the run's and is not in `RESUMABLE_CHANGES`. Settings of one launch
-    (`PER_LAUNCH`, e.g. ``--stop-after``) are never taken from the run."""
+    (`PER_LAUNCH`, e.g. ``--stop-after``) are never taken from the run. A run whose first launch
+    died before writing config.json starts again from the given flags."""
+    if not (Path(out) / "config.json").is_file():
+        if "manifest" not in given or "store" not in given:
+            raise TrainerError(f"{out} has no config.json yet (its first launch died early): "
+                               "pass --manifest and --store (and the other settings) again")
+        return TrainConfig(**{**given, "out": Path(out), "resume": True})
     saved = read_run_config(out)["train"]
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}
