@@ -22,7 +22,7 @@ from trainer.data import SharedRamFeatures
 from trainer.distributed import Dist
 from trainer.errors import TrainerError
 from trainer.run import load_run, read_run_config
-from trainer.train import TrainConfig, train
+from trainer.train import TrainConfig, resume_config, train
 from trainer_helpers import (KILL_MOMENTS, REPO, TORCHRUN, cli_args, make_manifest, make_store, read_metrics,
                              run_killed, subprocess_env, tiny_train_args)
 
@@ -283,6 +283,9 @@ def test_resume_alone_uses_the_runs_own_config(corpus, capsys):
     assert read_run_config(args["out"])["total_steps"] == 7 and latest_step(args["out"]) == 7
     assert run_train.main(["train", "--out", out, "--resume"]) == 0
     assert "step 7/7" in capsys.readouterr().out
+    # a length given as epochs replaces the run's steps; paths are recorded absolute
+    assert (resume_config(args["out"], epochs=3.0).steps, resume_config(args["out"], epochs=3.0).epochs) == (None, 3.0)
+    assert all(Path(read_run_config(args["out"])["train"][k]).is_absolute() for k in ("manifest", "store", "out"))
 
 
 def test_resume_of_a_run_whose_first_launch_died_before_its_config(corpus, capsys):

@@ -257,9 +257,12 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         ok = (isinstance(state["step"], int) and state["step"] >= 0 and isinstance(state["epoch"], int)
               and all(isinstance(g["params"], list) for g in state["optimizer"]["param_groups"])
-              and isinstance(state["rng"], dict) and isinstance(state.get("files", {}), dict))
-    except (KeyError, TypeError) as err:
+              and isinstance(state["rng"], dict) and isinstance(state.get("files", {}), dict)
+              and all(isinstance(entry, dict) for entry in state.get("files", {}).values()))
+    except KeyError as err:
         raise _damaged(file, f"a training state without {err}") from err
+    except TypeError as err:
+        raise _damaged(file, "a field of the training state has the wrong type") from err
     if not ok:
         raise _damaged(file, "a field of the training state has the wrong type")
     return state
@@ -295,14 +298,17 @@ def load_weights(model: nn.Module, ckpt: Path, device: torch.device | str = "cpu
         raise _damaged(file, f"{len(missing)} missing, {len(unexpected)} unexpected tensors", "does not fit this model:")
 
 
-def _check_optimizer_tensors(file: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Every tensor must belong to a parameter and have its shape (or be a scalar such as
-    ``step``): torch would otherwise accept it and fail later, deep inside ``optimizer.step``."""
+def _check_optimizer_tensors(file: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor must belong to a parameter the optimizer trains and have its shape (or be a
+    scalar such as ``step``): torch would otherwise accept it and fail later, deep inside
+    ``optimizer.step``."""
     params = dict(model.named_parameters())
+    trained = set(_param_names(model, optimizer))
     for key, value in tensors.items():
         name, _, _field = key.rpartition("/")
-        if name not in params:
-            raise _damaged(file, f"{key} names no parameter of this model")
+        if name not in trained:
+            raise _damaged(file, f"{key} names no parameter this run trains")
         if value.ndim and value.shape != params[name].shape:
             raise _damaged(file, f"{key} has shape {tuple(value.shape)}, the parameter {tuple(params[name].shape)}")
 
@@ -318,7 +324,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         tensors = load_file(str(file))
     except SafetensorError as err:
         raise _damaged(file, f"not a safetensors file ({str(err).splitlines()[0]})") from err
-    _check_optimizer_tensors(file, model, tensors)
+    _check_optimizer_tensors(file, model, optimizer, tensors)
     load_optimizer(model, optimizer, tensors, state["optimizer"]["param_groups"])
     try:
         set_rng_state(state["rng"])

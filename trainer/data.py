@@ -232,10 +232,11 @@ class SharedRamFeatures(RamFeatures):
     loads the rows once into a file in shared memory (``/dev/shm``, or the temp folder where there
     is none) and every local rank maps that file, so the node holds one copy of the cache, not one
     per process. It refuses before loading when the one copy does not fit in the free host memory
-    or the shared folder (`_check_fits`). The file's name is unlinked as soon as every rank has
-    mapped it (the mappings stay valid) and at once on any error, so only a kill during the load
-    itself can leave a ``vidcache-features-*`` file behind. Every rank learns whether the others
-    succeeded (a collective), so a failure on one rank never leaves the others waiting."""
+    or the shared folder (`_check_fits`). The file is made at full size, mapped by every rank,
+    and its name unlinked (the mappings stay valid) before the first row is loaded into it, so a
+    kill during the long load leaves no ``vidcache-features-*`` file behind. Every rank learns
+    whether the others succeeded (a collective), so a failure on one rank never leaves the others
+    waiting."""
 
     def __init__(self, store_path: str | Path, rows: Sequence[int], dist: Dist) -> None:
         rows = np.asarray(sorted(set(rows)), dtype=np.int64)
@@ -252,11 +253,10 @@ class SharedRamFeatures(RamFeatures):
                 with open(path, "xb") as f:
                     if numel:
                         os.posix_fallocate(f.fileno(), 0, numel * 2)  # ENOSPC now, not SIGBUS later
-                _load_rows(array, rows, _map(path, numel, shape))
             except Exception as err:  # noqa: BLE001 - reported to every rank by _agree, then raised
                 path.unlink(missing_ok=True)
                 error = err
-        _agree(dist, error, "load the shared feature cache")
+        _agree(dist, error, "make the shared feature cache")
         cache = None
         try:
             cache = _map(path, numel, shape)
@@ -266,7 +266,13 @@ class SharedRamFeatures(RamFeatures):
             _agree(dist, error, f"map the shared feature cache {path}")  # also: every rank has mapped it
         finally:
             if dist.local_rank == 0:
-                path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)  # before the load: a kill from here on leaves no file
+        if dist.local_rank == 0:
+            try:
+                _load_rows(array, rows, cache)
+            except Exception as err:  # noqa: BLE001 - as above
+                error = err
+        _agree(dist, error, "load the shared feature cache")
         self._index(cache, rows, array.shape[0], torch.device("cpu"))  # type: ignore[arg-type]
 
 

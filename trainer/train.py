@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from manifests.manifest import ManifestError, load_manifest
+from pipeline.storage import is_url
 from model import CheckpointError, LMConfig, ProjectorConfig, SummaryConfig, VideoLM, VideoLMConfig, lm_preset, read_lm_config
 from trainer.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, remove_leftovers, require_checkpoint,
                                 save_checkpoint)
@@ -63,7 +64,7 @@ RESUMABLE_CHANGES = {
     "allow_data_change",
 }
 # settings of one launch only: `--resume` never takes them from the run's config.json
-PER_LAUNCH = ("resume", "stop_after", "allow_data_change", "out")
+PER_LAUNCH = ("resume", "stop_after", "allow_data_change", "out", "compile")
 PATH_SETTINGS = ("manifest", "out", "init_lm", "init_from", "tokenizer")
 # Settings added after the first runs were made, and what a run made before them did: a run's
 # config.json without the key was trained with this value.
@@ -153,7 +154,16 @@ class TrainConfig:
             raise TrainerError("--vocab-size is for a tokenizer trained here; --init-lm uses the LM's own tokenizer")
 
     def record(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """The settings as config.json holds them: local paths absolute (a `--resume` alone may be
+        typed from another folder), tuples as lists."""
+        def plain(key: str, value: Any) -> Any:
+            if isinstance(value, tuple):
+                return list(value)
+            if value is not None and (key in PATH_SETTINGS or (key == "store" and not is_url(value))):
+                return str(Path(value).expanduser().resolve())
+            return value
+
+        return {k: plain(k, v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -200,6 +210,9 @@ def resume_config(out: Path, **given: Any) -> TrainConfig:
         if key in names and key not in PER_LAUNCH:
             values[key] = Path(value) if key in PATH_SETTINGS and value is not None else value
     values["train_parts"] = tuple(values.get("train_parts", PARTS))
+    if "steps" in given or "epochs" in given:  # a new length replaces the run's, whichever way given
+        values.pop("steps", None)
+        values.pop("epochs", None)
     return TrainConfig(**{**values, **given, "out": Path(out), "resume": True})
 
 
