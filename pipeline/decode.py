@@ -20,10 +20,17 @@ An image is a one-frame video: PIL decodes and resizes it exactly as open_clip's
 Everything that can go wrong with one file becomes a `DecodeError` whose message is the reason
 stored for its row. A hang or a crash in native code cannot be caught here; the orchestrator runs
 this function where it can be killed (see `pipeline.distributed`).
+
+A container can list more frames than its stream holds pictures (trailing packets with only an
+end-of-sequence unit, say): decord2 counts packets and, for a sample on such a packet, repeats
+the last picture it returned. When a sample repeats an earlier one byte for byte, PyAV decodes
+the last keyframe interval to find the last real picture, and samples past it are taken as
+that picture, as a player shows them.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +39,8 @@ import numpy as np
 from pipeline.errors import DecodeError
 from pipeline.preprocess import center_crop, resized_size
 from pipeline.sampling import KEYFRAME, sample_indices
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,10 @@ def decode_video(path: Path, spec: DecodeSpec, indices: list[int] | None = None)
             keys = list(reader.get_key_indices()) if spec.sampling == KEYFRAME else []
             indices = sample_indices(spec.sampling, n_frames, spec.frames, keys)
         frames = reader.get_batch(indices).asnumpy()  # (F, height, width, 3)
+        if _repeats_an_earlier_sample(frames, indices):
+            last = _last_picture(path, n_frames)
+            if max(indices) > last:  # samples fell on packets without a picture: decord repeats a stale one
+                frames = reader.get_batch([min(i, last) for i in indices]).asnumpy()
     except DecodeError:
         raise
     except Exception as err:  # decord raises DECORDError and plain RuntimeErrors
@@ -112,6 +125,43 @@ def decode_video(path: Path, spec: DecodeSpec, indices: list[int] | None = None)
     if frames.shape != (len(indices), height, width, 3):
         raise DecodeError(f"decoder returned frames of shape {frames.shape}, expected {(len(indices), height, width, 3)}")
     return DecodedVideo(center_crop(frames, spec.image_size), np.asarray(indices, dtype=np.int32), n_frames)
+
+
+def _repeats_an_earlier_sample(frames: np.ndarray, indices: list[int]) -> bool:
+    """Is a sampled frame byte-identical to an earlier one of another index? What decord2 gives
+    for a sample on a packet that holds no picture (it repeats the last picture it returned);
+    also, rarely, real still content, which `_last_picture` then tells apart."""
+    return any(indices[j] != indices[i] and np.array_equal(frames[i], frames[j])
+               for i in range(1, len(indices)) for j in range(i))
+
+
+def _last_picture(path: Path, n_frames: int) -> int:
+    """Index of the last of the `n_frames` listed frames (packets, in presentation order) that
+    decodes to a picture: a second opinion from PyAV, decoding only the last keyframe interval.
+    A player shows that picture for every listed frame after it (packets holding only, say, an
+    end-of-sequence unit), so those samples are taken as it."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = 1
+            end = (stream.start_time or 0) + (stream.duration or 0)
+            container.seek(max(end, 0), stream=stream, backward=True)  # to the last keyframe
+            listed: list[int] = []
+            pictures: set[int] = set()
+            for packet in container.demux(stream):
+                if packet.pts is not None:
+                    listed.append(packet.pts)
+                pictures.update(frame.pts for frame in packet.decode())
+    except Exception as err:  # noqa: BLE001 - PyAV raises many types; decord read it, so keep decord's frames
+        log.debug("%s: no second opinion on its last picture (%s)", path, _one_line(err))
+        return n_frames - 1
+    listed.sort()
+    shown = [i for i, pts in enumerate(listed) if pts in pictures]
+    if not shown:
+        raise DecodeError("the last keyframe interval decodes to no picture")
+    return n_frames - len(listed) + shown[-1]
 
 
 def decode_image(path: Path, spec: DecodeSpec) -> DecodedVideo:
