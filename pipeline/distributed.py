@@ -43,7 +43,7 @@ from pipeline.decode import DecodeSpec
 from pipeline.encoder import BatchingEncoder, EncoderSpec, load_encoder
 from pipeline.errors import ExtractError
 from pipeline.schedule import POLL_S, RunTotals, Task, make_job, one_line_reason, run_shards
-from pipeline.shard import ShardBuffer, ShardJob, ShardOutcome, decode_entry, take_shard
+from pipeline.shard import DECODE_RETRIES, ShardBuffer, ShardJob, ShardOutcome, decode_entry, take_shard
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _decode_and_encode(job: ShardJob, entries: list[VideoEntry], buffer: ShardBu
         while todo and len(running) + len(decoded) < job.decodes_per_shard + videos_per_batch \
                 and len(running) < job.decodes_per_shard:
             entry = todo.popleft()
-            running[_decode.remote(job.video_root, entry, job.decode)] = [entry, None, None]
+            running[_decode.remote(job.video_root, entry, job.decode)] = [entry, None, None, 0]
         if decoded and (len(decoded) >= videos_per_batch or not (todo or running)) and len(encoding) < 2:
             send(decoded[:videos_per_batch])
             del decoded[:videos_per_batch]
@@ -170,32 +170,35 @@ def _decode_and_encode(job: ShardJob, entries: list[VideoEntry], buffer: ShardBu
                 for (entry, meta, _), video_tokens in zip(batch, tokens):
                     buffer.put(entry.row, video_tokens, meta["frame_index"], meta["n_frames"])
             else:
-                _advance(ref, running, decoded, buffer, job.timeout_s)
+                _advance(ref, running, decoded, buffer, job)
         now = time.monotonic()
-        for gen, (entry, deadline, _) in list(running.items()):
+        for gen, (entry, deadline, *_) in list(running.items()):
             if deadline is not None and now > deadline:
                 ray.cancel(gen, force=True)
                 del running[gen]
                 buffer.fail(entry.row, f"decode timed out after {job.timeout_s:g} s (killed)")
 
 
-def _advance(gen: Any, running: dict, decoded: list, buffer: ShardBuffer, timeout_s: float) -> None:
+def _advance(gen: Any, running: dict, decoded: list, buffer: ShardBuffer, job: ShardJob) -> None:
     """Take the next item a decode generator yielded: started, metadata, or frames (kept as a
     reference: the frames go from the decoder to the encoder without passing through here)."""
     state = running[gen]
-    entry = state[0]
+    entry, tries = state[0], state[3]
     try:
         ref = next(gen)
         item = ray.get(ref) if state[2] is None else ref
     except StopIteration:  # a failed row's generator ends after its metadata
         del running[gen]
         return
-    except ray.exceptions.RayError as err:  # the worker died: a crash in native code
+    except ray.exceptions.RayError as err:  # the worker died: killed, its node lost, a crash in native code
         del running[gen]
-        buffer.fail(entry.row, f"decoder crashed: {type(err).__name__}")
+        if tries < DECODE_RETRIES:
+            running[_decode.remote(job.video_root, entry, job.decode)] = [entry, None, None, tries + 1]
+        else:
+            buffer.fail(entry.row, f"decoder crashed: {type(err).__name__} ({tries + 1} times)")
         return
     if state[1] is None:
-        state[1] = time.monotonic() + timeout_s
+        state[1] = time.monotonic() + job.timeout_s
     elif state[2] is None:
         state[2] = item
         if "error" in item:

@@ -12,7 +12,8 @@ write, commit) runs here on plain processes and threads:
   the moment it is handed to a started process (one that has imported its libraries), so
   neither a video queued behind busy decoders nor one handed to a replacement is killed early;
   past it the process is killed (decord can loop forever in native code) and replaced, and the
-  row recorded as timed out. A decoder that dies (a crash in native code) is a failed row too.
+  row recorded as timed out. A decoder that dies (killed, or a crash in native code) is
+  replaced and the video tried once more (`DECODE_RETRIES`); a second death fails the row.
 - encoders: one `BatchingEncoder` per GPU, or one on the CPU running its torch threads beside
   the decoders, serving every shard's requests in shared batches.
 - shards: each open shard is a thread of this process running `take_shard`; the driver loop
@@ -41,7 +42,7 @@ from pipeline.decode import DecodedVideo, DecodeSpec
 from pipeline.encoder import BatchingEncoder, EncoderSpec, load_encoder
 from pipeline.errors import ExtractError
 from pipeline.schedule import RunTotals, Task, make_job, run_shards
-from pipeline.shard import ShardBuffer, ShardJob, take_shard
+from pipeline.shard import DECODE_RETRIES, ShardBuffer, ShardJob, take_shard
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +148,19 @@ class DecodePool:
         try:
             while not self._retires() and (item := self.requests.get()) is not None:
                 request, done = item
-                outcome = self._decode(conn, request)
+                for attempt in range(DECODE_RETRIES + 1):
+                    outcome = self._decode(conn, request)
+                    if self.closing or not (outcome is HUNG or outcome is DIED):
+                        break
+                    code = self._stop(i, conn)  # replace the process
+                    conn = self._start(i)
+                    if outcome is HUNG:  # a hang would hang again
+                        outcome = f"decode timed out after {self.timeout_s:g} s (killed)"
+                        break
+                    outcome = f"decoder crashed (exit code {code}, {attempt + 1} times)"
                 if self.closing:
                     done.cancel()
                     break
-                if outcome is HUNG or outcome is DIED:  # replace the process
-                    code = self._stop(i, conn)
-                    conn = self._start(i)
-                    outcome = f"decode timed out after {self.timeout_s:g} s (killed)" if outcome is HUNG \
-                        else f"decoder crashed (exit code {code})"
                 done.set_result(outcome)
         finally:
             self._stop(i, conn)

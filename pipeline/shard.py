@@ -27,6 +27,10 @@ from pipeline.store import ShardResult, open_group, read_commit, write_shard
 from pipeline.store_format import FAILED, OK, is_done
 
 
+# a decode whose process died (killed by the kernel's OOM killer or by hand, its Ray node lost)
+# is tried this many more times; a video that crashes its decoder every time is then recorded
+DECODE_RETRIES = 1
+
 @dataclass(frozen=True)
 class ShardJob:
     """What every shard of one run needs to know (small: sent with each shard task)."""

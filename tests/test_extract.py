@@ -371,9 +371,10 @@ def _the_reader_of(path: Path, timeout_s: float = 30) -> int:
     return readers[0]
 
 
-def test_a_decoder_killed_mid_decode_fails_its_row_and_the_job_goes_on(tmp_path, distributor):
-    """SIGKILL the process decoding a video (found by the file it holds open): that row is
-    recorded as a crashed decode, the rows after it are decoded by a replacement."""
+def test_a_decoder_killed_mid_decode_twice_fails_its_row_and_the_job_goes_on(tmp_path, distributor):
+    """SIGKILL the process decoding a video (found by the file it holds open), and again the one
+    that tries it once more: that row is recorded as a crashed decode, the rows after it are
+    decoded by a replacement."""
     manifest = _corpus_with_fifos(tmp_path, ("a_killed", "b_after", "c_after"), ("a_killed",))
     fifo = (tmp_path / "videos" / "a_killed.mp4").resolve()
     cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
@@ -383,7 +384,13 @@ def test_a_decoder_killed_mid_decode_fails_its_row_and_the_job_goes_on(tmp_path,
     job.start()
     writer = _open_for_writing_once_read(fifo)
     try:
-        os.kill(_the_reader_of(fifo), signal.SIGKILL)
+        first = _the_reader_of(fifo)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (second := _readers_of(fifo)) in ([], [first]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(second) == 1 and second[0] != first, "the killed decode was not tried again"
+        os.kill(second[0], signal.SIGKILL)
         job.join(timeout=60)
     finally:
         os.close(writer)
@@ -391,6 +398,7 @@ def test_a_decoder_killed_mid_decode_fails_its_row_and_the_job_goes_on(tmp_path,
     assert (result["summary"].ok, result["summary"].failed) == (2, 1)
     failures = _failures(tmp_path / "s.zarr")
     assert list(failures) == ["a_killed"] and "crashed" in failures["a_killed"], failures
+    assert "2 times" in failures["a_killed"], failures
 
 
 def test_a_killed_job_leaves_no_decoder_behind_not_even_one_stuck(tmp_path):
