@@ -1,4 +1,4 @@
-"""vidcache training CLI: train, eval, chat, describe, tokenizer.
+"""vidcache training CLI: train, eval, chat, describe, serve, tokenizer.
 
 Each command parses its flags into a config dataclass and calls one library function of the
 same name in `trainer` (``eval`` calls `trainer.evaluate`). Multi-GPU (or multi-process CPU):
@@ -136,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--question", default="Describe the video.", help="asked of every video (default: Describe the video.)")
     _add_generation(d)
 
+    w = sub.add_parser("serve", help="a local web chat page (Gradio; needs the [web] extra)")
+    w.add_argument("--run", type=Path, required=True, help="run directory")
+    w.add_argument("--compare", type=Path, metavar="RUN2", help="a second run that answers every question beside the first")
+    w.add_argument("--store", metavar="PATH_OR_URL", help="feature store whose rows can be picked (default: the run's)")
+    w.add_argument("--manifest", type=Path, help="manifest of the store: video ids, splits, references (default: the run's)")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    w.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    w.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload in MiB (default: %(default)s)")
+    w.add_argument("--max-video-seconds", type=float, default=3600.0, help="longest upload in seconds (default: %(default)s)")
+    w.add_argument("--max-new-tokens", type=int, default=128, help="the page's starting answer length (default: %(default)s)")
+    w.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    w.add_argument("--threads", type=int, help=THREADS_HELP)
+
     k = sub.add_parser("tokenizer", help="train the byte-level BPE on a manifest's training text")
     k.add_argument("--manifest", type=Path, required=True, help="manifest folder whose training text is used")
     k.add_argument("--out", type=Path, required=True, help="folder to write tokenizer.json into")
@@ -207,6 +220,10 @@ def run(args: argparse.Namespace) -> int:
 
         rows = describe(_config(DescribeConfig, args))
         print(markdown_table(rows))
+    elif args.command == "serve":
+        from trainer.web import ServeConfig, serve
+
+        serve(_config(ServeConfig, args))
     elif args.command == "tokenizer":
         from trainer.tokenization import TokenizerConfig, tokenizer
 

@@ -35,6 +35,15 @@ def tile_origin(i: int, size: int) -> tuple[int, int]:
 
 def show(store: str | Path, manifest_dir: Path, video_id: str, out: Path) -> Path:
     """Write the contact sheet of `video_id` to `out` (PNG) and return its path."""
+    sheet = contact_sheet(store, manifest_dir, video_id)
+    out = Path(out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def contact_sheet(store: str | Path, manifest_dir: Path, video_id: str) -> Image.Image:
+    """The contact sheet of `video_id` (the frames at the store's recorded indices)."""
     location, g = open_store(store)
     attrs = dict(g.attrs)
     manifest = load_manifest(manifest_dir)
@@ -63,7 +72,14 @@ def show(store: str | Path, manifest_dir: Path, video_id: str, out: Path) -> Pat
             else:
                 frames = decoded.frames
                 seconds = _timestamps(path, indices) if len(frames) and entry.kind == "video" else []
-    size = attrs["encoder"]["image_size"]
+    labels = [f"#{index}  t={t:.2f}s" for index, t in zip(indices, seconds)] if seconds else [f"#{i}" for i in indices]
+    return render_sheet(header, frames, labels, reason)
+
+
+def render_sheet(header: str, frames: np.ndarray, labels: list[str], reason: str = "") -> Image.Image:
+    """The sheet's image (layout in the module docstring): ``frames`` (n, S, S, 3) uint8, one
+    label per frame; ``reason`` in red under the header. The web page draws uploads with it too."""
+    size = frames.shape[1] if len(frames) else 0
     n = len(frames)
     rows = -(-n // COLUMNS) if n else 0
     width = max(GAP + min(max(n, 1), COLUMNS) * (size + GAP), 480)
@@ -75,12 +91,8 @@ def show(store: str | Path, manifest_dir: Path, video_id: str, out: Path) -> Pat
     for i, frame in enumerate(frames):
         x, y = tile_origin(i, size)
         sheet.paste(Image.fromarray(frame), (x, y))
-        label = f"#{indices[i]}  t={seconds[i]:.2f}s" if seconds else f"#{indices[i]}"
-        draw.text((x, y + size + 2), label, fill="black")
-    out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+        draw.text((x, y + size + 2), labels[i], fill="black")
+    return sheet
 
 
 def _timestamps(path: Path, indices: list[int]) -> list[float]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from manifests.manifest import IMAGE_EXTENSIONS, VideoEntry, iter_shards, read_manifest_meta
-from pipeline.decode import DecodeSpec, decode_file
+from pipeline.decode import DecodedVideo, DecodeSpec, decode_file
 from pipeline.encoder import EncoderSpec, input_geometry, load_encoder
 from pipeline.errors import DecodeError, ExtractError
 from pipeline.lease import DEFAULT_TTL_S
@@ -273,20 +273,32 @@ def rebuild(cfg: RebuildConfig) -> ExtractSummary:
     ))
 
 
+class FileEncoder:
+    """The store's encoder, loaded once, for encoding files that are not in the store exactly as
+    the store with `store_attrs` was made (encoder, weights, frames, sampling, layer). A server
+    answering many uploads keeps one; loading the tower per file would cost seconds each."""
+
+    def __init__(self, store_attrs: dict[str, Any], device: str = "cpu") -> None:
+        enc = store_attrs["encoder"]
+        spec = EncoderSpec(enc["model"], enc["pretrained"], enc["layer"], enc["precision"] if device != "cpu" else "fp32")
+        self.encoder = load_encoder(spec, device)
+        if self.encoder.attrs["weights_sha256"] != enc["weights_sha256"]:
+            raise ExtractError(f"the weights {enc['model']}/{enc['pretrained']} loaded here differ from the store's")
+        self.decode = DecodeSpec(store_attrs["frames"], store_attrs["sampling"], self.encoder.image_size,
+                                 self.encoder.attrs["resize_mode"])
+
+    def encode(self, video_path: Path) -> tuple[np.ndarray, DecodedVideo]:
+        """(F, T, D) float16 tokens of one file, and the decoded frames the encoder read."""
+        path = Path(video_path).expanduser().resolve()
+        kind = "image" if path.suffix.lower() in IMAGE_EXTENSIONS else "video"
+        try:
+            decoded = decode_file(path, kind, self.decode)
+        except DecodeError as err:
+            raise ExtractError(f"{path}: {err}") from err
+        return self.encoder.encode(decoded.frames), decoded
+
+
 def encode_video_file(video_path: Path, store_attrs: dict[str, Any], device: str = "cpu") -> np.ndarray:
     """(F, T, D) float16 tokens of one file, made exactly as the store with `store_attrs` was
     (encoder, weights, frames, sampling, layer); for chatting about a video not in the store."""
-    enc = store_attrs["encoder"]
-    spec = EncoderSpec(enc["model"], enc["pretrained"], enc["layer"], enc["precision"] if device != "cpu" else "fp32")
-    encoder = load_encoder(spec, device)
-    if encoder.attrs["weights_sha256"] != enc["weights_sha256"]:
-        raise ExtractError(f"the weights {enc['model']}/{enc['pretrained']} loaded here differ from the store's")
-    path = Path(video_path).expanduser().resolve()
-    kind = "image" if path.suffix.lower() in IMAGE_EXTENSIONS else "video"
-    decode = DecodeSpec(store_attrs["frames"], store_attrs["sampling"], encoder.image_size,
-                        encoder.attrs["resize_mode"])
-    try:
-        decoded = decode_file(path, kind, decode)
-    except DecodeError as err:
-        raise ExtractError(f"{path}: {err}") from err
-    return encoder.encode(decoded.frames)
+    return FileEncoder(store_attrs, device).encode(video_path)[0]
