@@ -134,43 +134,45 @@ def log(message: str) -> None:
 
 # --- corpus -------------------------------------------------------------------------------------
 
-def make_video(job: tuple[Path, float, int]) -> int:
+def make_video(job: tuple) -> int:
     """Write one H.264 video (see the module docstring) of `seconds` to `path`; returns its bytes.
-    Runs in a spawned worker: PyAV here never shares a process with decord."""
+    `job` is (path, seconds, seed) or (path, seconds, seed, width, height, fps) (bench/extract.py's
+    mixed corpus). Runs in a spawned worker: PyAV here never shares a process with decord."""
     import av
 
-    path, seconds, seed = job
+    path, seconds, seed, *size = job
+    width, height, fps = size or (WIDTH, HEIGHT, FPS)
     rng = np.random.default_rng(seed)
     # A smooth texture twice the frame size (scrolled diagonally), a square and a disc on
     # Lissajous paths with changing colours, and low-bit grain cycling through 7 fields.
     coarse = rng.uniform(40, 215, size=(12, 16, 3)).astype(np.float32)
-    ys, xs = np.linspace(0, 11, 2 * HEIGHT), np.linspace(0, 15, 2 * WIDTH)
+    ys, xs = np.linspace(0, 11, 2 * height), np.linspace(0, 15, 2 * width)
     y0, x0 = ys.astype(int), xs.astype(int)
     y1, x1 = np.minimum(y0 + 1, 11), np.minimum(x0 + 1, 15)
     wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
     texture = (coarse[y0][:, x0] * (1 - wx) + coarse[y0][:, x1] * wx) * (1 - wy) \
         + (coarse[y1][:, x0] * (1 - wx) + coarse[y1][:, x1] * wx) * wy
     texture = np.clip(texture + rng.normal(0, 8, size=texture.shape[:2] + (1,)), 0, 255).astype(np.uint8)
-    grain = rng.integers(0, 8, size=(7, HEIGHT, WIDTH, 3), dtype=np.uint8)
-    side = HEIGHT // 4
+    grain = rng.integers(0, 8, size=(7, height, width, 3), dtype=np.uint8)
+    side = height // 4
     yy, xx = np.mgrid[:side, :side]
     disc = (yy - side / 2 + 0.5) ** 2 + (xx - side / 2 + 0.5) ** 2 <= (side / 2) ** 2
     phase = rng.uniform(0, 2 * np.pi, size=4)
     tmp = path.with_suffix(".part.mp4")
     with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.codec_context.time_base = Fraction(1, FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream = container.add_stream("libx264", rate=fps)
+        stream.codec_context.time_base = Fraction(1, fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = dict(X264_OPTIONS)
-        for index in range(int(round(seconds * FPS))):
-            t = index / FPS
-            oy, ox = (index * 2) % HEIGHT, (index * 3) % WIDTH
-            pixels = texture[oy : oy + HEIGHT, ox : ox + WIDTH] ^ grain[index % 7]
-            sy = int((HEIGHT - side) * (0.5 + 0.5 * np.sin(0.7 * t + phase[0])))
-            sx = int((WIDTH - side) * (0.5 + 0.5 * np.cos(0.45 * t + phase[1])))
+        for index in range(int(round(seconds * fps))):
+            t = index / fps
+            oy, ox = (index * 2) % height, (index * 3) % width
+            pixels = texture[oy : oy + height, ox : ox + width] ^ grain[index % 7]
+            sy = int((height - side) * (0.5 + 0.5 * np.sin(0.7 * t + phase[0])))
+            sx = int((width - side) * (0.5 + 0.5 * np.cos(0.45 * t + phase[1])))
             pixels[sy : sy + side, sx : sx + side] = ((index * 7) % 256, 255 - (index * 5) % 256, 128)
-            dy = int((HEIGHT - side) * (0.5 + 0.5 * np.sin(0.5 * t + phase[2])))
-            dx = int((WIDTH - side) * (0.5 + 0.5 * np.sin(0.9 * t + phase[3])))
+            dy = int((height - side) * (0.5 + 0.5 * np.sin(0.5 * t + phase[2])))
+            dx = int((width - side) * (0.5 + 0.5 * np.sin(0.9 * t + phase[3])))
             pixels[dy : dy + side, dx : dx + side][disc] = (230, (index * 3) % 256, 40)
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             frame.pts = index
@@ -201,11 +203,10 @@ def ensure_corpus(work: Path, n: int, seconds: float) -> tuple[Path, list[Path],
     return videos, paths, time.perf_counter() - start
 
 
-def write_instructions(path: Path, n: int) -> None:
+def write_instructions(path: Path, video_ids: list[str]) -> None:
     """Two VideoInstruct-100K flat records per video."""
     records = []
-    for i in range(n):
-        video_id = f"v_bench{i:05d}"
+    for video_id in video_ids:
         records.append({"video_id": video_id, "q": "What moves in the video?",
                         "a": "A square and a disc move over a scrolling texture."})
         records.append({"video_id": video_id, "q": "Describe the video.\nQA_GT_caption_based_noisy",
@@ -296,7 +297,7 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
     logs = run_dir / "logs"
     logs.mkdir(parents=True)
     instructions = run_dir / "instructions.json"
-    write_instructions(instructions, n)
+    write_instructions(instructions, [path.stem for path in paths])
     manifests = {size: run_dir / f"manifest{size}" for size in (64, 8)}
     for size, manifest in manifests.items():
         run([py, "run_extract.py", "manifest", "--instructions", str(instructions), "--videos", str(videos),
@@ -432,6 +433,9 @@ def serial_main(argv: list[str]) -> int:
                                 description="Extract features serially, one pickle per video (benchmark row 1).")
     p.add_argument("--manifest", type=Path, required=True, help="manifest folder whose videos to extract, in row order")
     p.add_argument("--out", type=Path, required=True, help="folder for the <video_id>.pkl files")
+    p.add_argument("--indices", choices=("job", "linspace"), default="job",
+                   help="job: the job's uniform indices (a fair ratio decodes the same frames); linspace: "
+                        "Video-ChatGPT's own np.linspace(0, n - 1, F), whose first frame is a free keyframe")
     args = p.parse_args(argv)
     import torch  # noqa: F401  before decord: with decord loaded first, torch's attention segfaults on CPU
     import decord
@@ -445,7 +449,8 @@ def serial_main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for entry in manifest.videos:
         reader = decord.VideoReader(str(manifest.abs_path(entry)), ctx=decord.cpu(0))
-        indices = uniform_indices(len(reader), FRAMES)
+        indices = uniform_indices(len(reader), FRAMES) if args.indices == "job" \
+            else np.linspace(0, len(reader) - 1, FRAMES).astype(int).tolist()
         frames = reader.get_batch(indices).asnumpy()
         tokens = encoder.encode(np.stack([clip_preprocess(frame, encoder.image_size) for frame in frames]))
         with (args.out / f"{entry.video_id}.pkl").open("wb") as fh:

@@ -1,0 +1,283 @@
+"""Benchmark: extraction against what users would run instead, and against the job's own limit
+(issue 13), on a realistic corpus.
+
+Corpus (generated once into --work, reused): N H.264 videos as web encoders make them (libx264
+veryfast, 3 B-frames, a keyframe every 250 frames, no scene-cut keyframes), lengths cycling
+30, 60, 90, 120, 150, 180 s (ActivityNet averages about 2 minutes), 640x360 at 25 fps and
+1280x720 at 30 fps alternately, with moving content (bench/extract_speed.py's generator).
+Same tower for every row (`demo-tiny`, random weights, fp32: the data path dominates, as it does
+on a GPU node), same F=8. Every row is one subprocess timed from outside, start to exit:
+
+1. cinego: Cinego's way, re-implemented (`_cinego` below): PyAV decodes every frame of the video
+   into a PIL image, F are picked (the job's uniform indices), each is PIL-resized (short side,
+   bicubic), centre-cropped and normalised, encoded, and saved as one float32 `.npy` per video;
+   one video at a time. Only the picked images are kept (Cinego keeps the list of all: 15 GB
+   for three minutes of 720p); the decoding and conversion of every frame, the cost, is the same.
+2. vchatgpt: Video-ChatGPT's way (`extract_speed.py _serial`): decord at full resolution,
+   `get_batch` of the job's F indices, PIL resize + crop, one pickle per video, one at a time;
+   2b. the same with Video-ChatGPT's own `np.linspace(0, n-1, F)` indices (their first frame is a
+   free keyframe: which frames are sampled changes the decode cost; the fair ratio is row 2's);
+3. job: `run_extract.py extract --sampling uniform` (this machine's decoders and encoder, the
+   store, commit records);
+4. job keyframe: the same with `--sampling keyframe`;
+5. decode only: the project's decoder over every video, one process per core, nothing else
+   (`extract_speed.py _decode_only`);
+6. encode only: the job's encoder (one `BatchingEncoder`, torch threads = cores) over N x F
+   frames already in memory (`_encode_only`), model loading included.
+The job's limit is the slower of 5 and 6. Reported: seconds, videos/s and frames/s per row
+(median of --repeats interleaved runs), ratios 3/1, 3/2, 4/1, 3/limit, and the store's bytes
+per video against the raw float16 tensor bytes (F x T x D x 2). Targets (issue 13, 2-core
+CPU): 3 >= 5x 1, 3 >= 1.5x 2, 4 >= 20x 1, 3 >= 0.85 of the limit, storage overhead <= 2%.
+Every job store is checked complete (`status --json`).
+
+Reproduce:
+
+    .venv/bin/python bench/extract.py --work /tmp/vidcache-bench-extract2 --json bench/results/extract_cpu.json
+
+`--quick` (12 videos of 10-30 s, one repeat) is a smoke run of a few minutes. Output: JSON on
+stdout (and in --json), then the Markdown table; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from extract_speed import (ENCODER, FRAMES, BenchError, check, clip_preprocess, encoder_image_size, log,  # noqa: E402
+                           make_video, run, store_status, write_instructions)
+from report import emit  # noqa: E402
+
+LENGTHS = (30, 60, 90, 120, 150, 180)
+QUICK_LENGTHS = (10, 20, 30)
+SIZES = ((640, 360, 25), (1280, 720, 30))
+ROWS = {
+    "cinego": "1. Cinego's way: PyAV decodes every frame to PIL, one .npy per video",
+    "vchatgpt": "2. Video-ChatGPT's way: decord full resolution, same F indices, one pickle per video",
+    "vchatgpt_linspace": "2b. the same with its own linspace indices (first frame a free keyframe)",
+    "job": "3. this job, --sampling uniform",
+    "job_keyframe": "4. this job, --sampling keyframe",
+    "decode_only": "5. decode only, all cores",
+    "encode_only": "6. encode only, frames in memory",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="corpus (reused), manifests, stores and logs")
+    p.add_argument("--videos", type=int, default=None, help="N (default 24; 12 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved runs per row (default 2; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="12 videos of 10-30 s, one repeat")
+    p.add_argument("--json", type=Path, default=None, help="also write the JSON result here")
+    args = p.parse_args(argv)
+    args.videos = args.videos or (12 if args.quick else 24)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    return args
+
+
+def corpus_plan(n: int, quick: bool) -> list[tuple[str, float, int, int, int]]:
+    """(video id, seconds, width, height, fps) of each video: lengths and sizes cycling."""
+    lengths = QUICK_LENGTHS if quick else LENGTHS
+    return [(f"v_mix{i:04d}", float(lengths[i % len(lengths)]), *SIZES[(i // len(lengths)) % 2 if not quick else i % 2])
+            for i in range(n)]
+
+
+def ensure_corpus(work: Path, plan: list[tuple]) -> tuple[Path, float]:
+    folder = work / "videos_mixed"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(folder / f"{vid}.mp4", seconds, i, w, h, fps) for i, (vid, seconds, w, h, fps) in enumerate(plan)
+            if not (folder / f"{vid}.mp4").exists()]
+    started = time.perf_counter()
+    if jobs:
+        log(f"generating {len(jobs)} videos into {folder}")
+        with ProcessPoolExecutor(len(os.sched_getaffinity(0)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done, future in enumerate(as_completed([pool.submit(make_video, job) for job in jobs]), 1):
+                log(f"  {done}/{len(jobs)} ({future.result() / 1e6:.1f} MB)")
+    return folder, time.perf_counter() - started
+
+
+def store_bytes(store: Path) -> int:
+    """Bytes of the store's arrays on disk (tokens, frame_index, n_frames, status) and metadata,
+    not the commit records and leases."""
+    return sum(p.stat().st_size for p in store.rglob("*") if p.is_file() and p.relative_to(store).parts[0]
+               not in ("commits", "leases"))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    work = args.work.expanduser().resolve()
+    plan = corpus_plan(args.videos, args.quick)
+    videos, generation_s = ensure_corpus(work, plan)
+    run_dir = work / f"run_{args.videos}{'_quick' if args.quick else ''}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True)
+    py, n = sys.executable, args.videos
+    instructions = run_dir / "instructions.json"
+    write_instructions(instructions, [video_id for video_id, *_ in plan])
+    manifest = run_dir / "manifest"
+    run([py, "run_extract.py", "manifest", "--instructions", str(instructions), "--videos", str(videos),
+         "--out", str(manifest), "--shard-size", "64"], logs, "manifest")
+    image_size = encoder_image_size()
+    outs = {"cinego": run_dir / "cinego_out", "vchatgpt": run_dir / "vchatgpt_out",
+            "vchatgpt_linspace": run_dir / "vchatgpt_linspace_out", "job": run_dir / "job.zarr",
+            "job_keyframe": run_dir / "job_keyframe.zarr"}
+    speed = str(HERE / "extract_speed.py")
+    extract = [py, "run_extract.py", "extract", "--manifest", str(manifest), "--encoder", ENCODER,
+               "--pretrained", "none", "--frames", str(FRAMES)]
+    commands = {
+        "cinego": [py, __file__, "_cinego", "--manifest", str(manifest), "--out", str(outs["cinego"])],
+        "vchatgpt": [py, speed, "_serial", "--manifest", str(manifest), "--out", str(outs["vchatgpt"])],
+        "vchatgpt_linspace": [py, speed, "_serial", "--manifest", str(manifest), "--out",
+                              str(outs["vchatgpt_linspace"]), "--indices", "linspace"],
+        "job": [*extract, "--store", str(outs["job"])],
+        "job_keyframe": [*extract, "--store", str(outs["job_keyframe"]), "--sampling", "keyframe"],
+        "decode_only": [py, speed, "_decode_only", "--manifest", str(manifest), "--image-size", str(image_size)],
+        "encode_only": [py, __file__, "_encode_only", "--images", str(n * FRAMES), "--image-size", str(image_size)],
+    }
+    samples: dict[str, list[float]] = {key: [] for key in ROWS}
+    statuses = []
+    for repeat in range(args.repeats):
+        for key in (list(ROWS) if repeat % 2 == 0 else list(reversed(ROWS))):
+            if key in outs:
+                shutil.rmtree(outs[key], ignore_errors=True)
+            seconds, _ = run(commands[key], logs, f"{key}-{repeat}")
+            samples[key].append(seconds)
+            log(f"[repeat {repeat + 1}/{args.repeats}] {ROWS[key]}: {seconds:.1f} s")
+            if key.startswith("job"):
+                statuses.append({"row": key, **store_status(py, outs[key], logs, f"status-{key}-{repeat}")})
+    median = {key: statistics.median(v) for key, v in samples.items()}
+    limit = max(median["decode_only"], median["encode_only"])
+    with (outs["job"] / "zarr.json").open() as f:
+        attrs = json.load(f)["attributes"]
+    raw = FRAMES * attrs["tokens_per_frame"] * attrs["width"] * 2
+    per_video = store_bytes(outs["job"]) / n
+    complete = all(s["ok"] == n and s["pending"] == 0 and s["shards_done"] == s["shards_total"] for s in statuses)
+    checks = {
+        "job_vs_cinego": check("job / Cinego's way (3 vs 1)", median["cinego"] / median["job"], ">=", 5),
+        "job_vs_vchatgpt": check("job / Video-ChatGPT's way (3 vs 2)", median["vchatgpt"] / median["job"], ">=", 1.5),
+        "keyframe_vs_cinego": check("keyframe job / Cinego's way (4 vs 1)", median["cinego"] / median["job_keyframe"],
+                                    ">=", 20),
+        "fraction_of_limit": check("job / its limit (slower of 5 and 6)", limit / median["job"], ">=", 0.85),
+        "storage_overhead": check("store bytes per video / raw float16 bytes - 1", per_video / raw - 1, "<=", 0.02),
+        "stores_complete": {"label": "job stores complete (status --json)", "value": str(complete),
+                            "bar": "all", "pass": complete},
+    }
+    total_frames = n * FRAMES
+    return {
+        "benchmark": "extract",
+        "videos": n,
+        "plan": [{"video_id": v, "seconds": s, "size": f"{w}x{h}", "fps": f} for v, s, w, h, f in plan],
+        "video_hours": round(sum(s for _, s, *_ in plan) / 3600, 3),
+        "encoder": ENCODER, "frames": FRAMES, "image_size": image_size, "cpus": len(os.sched_getaffinity(0)),
+        "repeats": args.repeats,
+        "rows": {key: {"label": label, "median_s": round(median[key], 2), "samples_s": [round(v, 2) for v in samples[key]],
+                       "videos_per_s": round(n / median[key], 3), "frames_per_s": round(total_frames / median[key], 1),
+                       "command": " ".join(commands[key])}
+                 for key, label in ROWS.items()},
+        "limit_s": round(limit, 2),
+        "bytes_per_video": round(per_video), "raw_float16_bytes_per_video": raw,
+        "checks": checks,
+        "stores": statuses,
+        "all_pass": all(c["pass"] for c in checks.values()),
+        "generation_s": round(generation_s, 1),
+    }
+
+
+def print_table(result: dict) -> None:
+    print("| row | median s | videos/s | sampled frames/s |")
+    print("|---|---|---|---|")
+    for row in result["rows"].values():
+        print(f"| {row['label']} | {row['median_s']:.1f} | {row['videos_per_s']:.2f} | {row['frames_per_s']:.1f} |")
+    print()
+    print("| check | value | bar | result |")
+    print("|---|---|---|---|")
+    for c in result["checks"].values():
+        value = f"{c['value']:.3f}" if isinstance(c["value"], float) else c["value"]
+        print(f"| {c['label']} | {value} | {c['bar']} | {'PASS' if c['pass'] else 'FAIL'} |")
+    print(f"\n{result['videos']} videos ({result['video_hours']} h), {result['encoder']} at {result['image_size']} px, "
+          f"F={result['frames']}, {result['cpus']} CPUs; store {result['bytes_per_video']} bytes per video, raw "
+          f"float16 {result['raw_float16_bytes_per_video']}")
+
+
+# --- hidden subcommands: the rows that are not the project's CLI ---------------------------------
+
+def cinego_main(argv: list[str]) -> int:
+    """Row 1 (module docstring): every frame decoded to PIL, F picked, PIL preprocessing, .npy."""
+    p = argparse.ArgumentParser(prog="extract.py _cinego")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    import av
+
+    from manifests.manifest import load_manifest
+    from pipeline.encoder import EncoderSpec, load_encoder
+    from pipeline.sampling import uniform_indices
+
+    encoder = load_encoder(EncoderSpec(ENCODER, "none", -1, "fp32"))
+    manifest = load_manifest(args.manifest)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for entry in manifest.videos:
+        with av.open(str(manifest.abs_path(entry))) as container:
+            wanted = set(uniform_indices(container.streams.video[0].frames, FRAMES))
+            picked = []
+            for i, frame in enumerate(container.decode(video=0)):
+                image = frame.to_image()  # every frame to PIL, as Cinego; only the picked ones kept
+                if i in wanted:
+                    picked.append(image)
+        frames = np.stack([clip_preprocess(np.asarray(image), encoder.image_size) for image in picked])
+        np.save(args.out / f"{entry.video_id}.npy", encoder.encode(frames).astype(np.float32))
+    return 0
+
+
+def encode_only_main(argv: list[str]) -> int:
+    """Row 6: the job's CPU encoder over frames already in memory (the content does not change
+    the cost), batched as the job batches them."""
+    p = argparse.ArgumentParser(prog="extract.py _encode_only")
+    p.add_argument("--images", type=int, required=True)
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    args = p.parse_args(argv)
+    import torch
+
+    from pipeline.encoder import BatchingEncoder, EncoderSpec, load_encoder
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    encoder = BatchingEncoder(load_encoder(EncoderSpec(ENCODER, "none", -1, "fp32")), args.batch_size)
+    frames = np.random.default_rng(0).integers(0, 256, (FRAMES, args.image_size, args.image_size, 3), dtype=np.uint8)
+    futures = [encoder.submit([frames]) for _ in range(args.images // FRAMES)]
+    for future in futures:
+        future.result()
+    encoder.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    hidden = {"_cinego": cinego_main, "_encode_only": encode_only_main}
+    if argv and argv[0] in hidden:
+        return hidden[argv[0]](argv[1:])
+    args = parse_args(argv)
+    try:
+        result = measure(args)
+    except BenchError as err:
+        log(f"error: {err}")
+        return 1
+    emit(result, args.json, print_table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
