@@ -30,9 +30,19 @@ per video against the raw float16 tensor bytes (F x T x D x 2). Targets (issue 1
 CPU): 3 >= 5x 1, 3 >= 1.5x 2, 4 >= 20x 1, 3 >= 0.85 of the limit, storage overhead <= 2%.
 Every job store is checked complete (`status --json`).
 
+As the work grows (`--scaling`): one 640x360 25 fps video per length (15 s, 1, 4 and 15 min;
+`--lengths` to choose), and for rows 1, 3 and 4 the marginal seconds per video: each row runs on
+a manifest of that video alone and with copies (hard links), and the difference is the copies'
+cost with the start-up (imports, model loading) taken out: Cinego's way runs on 1 and 2 copies,
+the job on 1 and 9 (its cost per video is small next to the start-up), divided by the copies
+added. Plotted with the driver's peak memory against corpus size, from bench/driver_memory.py's
+JSON (`--driver-memory`), into `bench/results/extract_scaling.png`.
+
 Reproduce:
 
     .venv/bin/python bench/extract.py --work /tmp/vidcache-bench-extract2 --json bench/results/extract_cpu.json
+    .venv/bin/python bench/extract.py --work /tmp/vidcache-bench-extract2 --scaling \
+        --json bench/results/extract_scaling.json
 
 `--quick` (12 videos of 10-30 s, one repeat) is a smoke run of a few minutes. Output: JSON on
 stdout (and in --json), then the Markdown table; progress on stderr.
@@ -82,6 +92,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="interleaved runs per row (default 2; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="12 videos of 10-30 s, one repeat")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON result here")
+    p.add_argument("--scaling", action="store_true", help="seconds per video against video length (module docstring)")
+    p.add_argument("--lengths", default="15,60,240,900", help="--scaling's video lengths in seconds")
+    p.add_argument("--driver-memory", type=Path, default=HERE / "results" / "driver_memory_cpu.json",
+                   help="bench/driver_memory.py JSON whose peaks --scaling plots")
+    p.add_argument("--plot", type=Path, default=HERE / "results" / "extract_scaling.png", help="--scaling's plot")
     args = p.parse_args(argv)
     args.videos = args.videos or (12 if args.quick else 24)
     args.repeats = args.repeats or (1 if args.quick else 2)
@@ -196,6 +211,98 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+SCALING_ROWS = ("cinego", "job", "job_keyframe")
+# copies of the video added to the one-video run: enough that their cost stands well above the
+# noise of a start-up of several seconds (Cinego's per-video cost is large already)
+EXTRA_COPIES = {"cinego": 1, "job": 8, "job_keyframe": 8}
+
+
+def measure_scaling(args: argparse.Namespace) -> dict:
+    work = args.work.expanduser().resolve()
+    lengths = [float(x) for x in args.lengths.split(",") if x.strip()]
+    folder = work / "videos_scaling"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, seconds in enumerate(lengths):
+        path = folder / f"v_len{int(seconds):05d}.mp4"
+        if not path.exists():
+            log(f"generating {path.name}")
+            make_video((path, seconds, 1000 + i, 640, 360, 25))
+    py = sys.executable
+    run_dir = work / "run_scaling"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True)
+    points: dict[str, list[float]] = {key: [] for key in SCALING_ROWS}
+    for seconds in lengths:
+        source = folder / f"v_len{int(seconds):05d}.mp4"
+        manifests = {}
+        for copies in sorted({1} | {1 + k for k in EXTRA_COPIES.values()}):
+            tag = f"{int(seconds)}_{copies}"
+            videos = run_dir / f"videos_{tag}"
+            videos.mkdir()
+            ids = [f"{source.stem}_{c}" for c in range(copies)]
+            for video_id in ids:
+                os.link(source, videos / f"{video_id}.mp4")
+            write_instructions(run_dir / f"i_{tag}.json", ids)
+            manifests[copies] = run_dir / f"manifest_{tag}"
+            run([py, "run_extract.py", "manifest", "--instructions", str(run_dir / f"i_{tag}.json"),
+                 "--videos", str(videos), "--out", str(manifests[copies])], logs, f"manifest-{tag}")
+        for key in SCALING_ROWS:
+            timed = []
+            for copies in (1, 1 + EXTRA_COPIES[key]):
+                tag = f"{key}_{int(seconds)}_{copies}"
+                extract = [py, "run_extract.py", "extract", "--manifest", str(manifests[copies]), "--encoder", ENCODER,
+                           "--pretrained", "none", "--frames", str(FRAMES), "--store", str(run_dir / f"{tag}.zarr")]
+                command = {"cinego": [py, __file__, "_cinego", "--manifest", str(manifests[copies]),
+                                      "--out", str(run_dir / tag)],
+                           "job": extract, "job_keyframe": [*extract, "--sampling", "keyframe"]}[key]
+                timed.append(run(command, logs, tag)[0])
+            points[key].append(round(max(timed[1] - timed[0], 0.0) / EXTRA_COPIES[key], 3))
+            log(f"{int(seconds)} s video, {ROWS[key]}: {points[key][-1]:.2f} s per video")
+    driver = json.loads(args.driver_memory.read_text()) if args.driver_memory.exists() else {"runs": []}
+    memory = [(r["rows"], round(r["vmhwm_kib"] / 1024, 1)) for r in driver.get("runs", []) if "vmhwm_kib" in r]
+    plot_scaling(lengths, points, memory, args.plot)
+    return {"benchmark": "extract_scaling", "lengths_s": lengths, "seconds_per_video": points,
+            "driver_peak_mib_by_rows": memory, "driver_memory_source": str(args.driver_memory),
+            "plot": str(args.plot), "encoder": ENCODER, "frames": FRAMES, "video": "640x360, 25 fps, GOP 250"}
+
+
+def plot_scaling(lengths: list[float], points: dict[str, list[float]], memory: list[tuple[int, float]],
+                 out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("cinego", "Cinego's way"), ("job", "this job, uniform"), ("job_keyframe", "this job, keyframe")):
+        left.plot([x / 60 for x in lengths], points[key], marker="o", label=label)
+    left.set(xlabel="video length (minutes)", ylabel="seconds per video (start-up excluded)",
+             title="cost per video as videos get longer", xscale="log", yscale="log")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+    if memory:
+        right.plot([rows for rows, _ in memory], [mib for _, mib in memory], marker="o")
+    right.set(xlabel="manifest rows", ylabel="driver peak memory, VmHWM (MiB)", title="driver memory as the corpus grows",
+              xscale="log", ylim=(0, max([mib for _, mib in memory], default=1) * 1.3))
+    right.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def print_scaling(result: dict) -> None:
+    print("| video length | " + " | ".join(ROWS[k] for k in SCALING_ROWS) + " |")
+    print("|---|" + "---|" * len(SCALING_ROWS))
+    for i, seconds in enumerate(result["lengths_s"]):
+        cells = " | ".join(f"{result['seconds_per_video'][k][i]:.2f} s" for k in SCALING_ROWS)
+        print(f"| {seconds:g} s | {cells} |")
+    print()
+    print("| manifest rows | driver peak MiB |")
+    print("|---|---|")
+    for rows, mib in result["driver_peak_mib_by_rows"]:
+        print(f"| {rows} | {mib} |")
+
+
 def print_table(result: dict) -> None:
     print("| row | median s | videos/s | sampled frames/s |")
     print("|---|---|---|---|")
@@ -271,11 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         return hidden[argv[0]](argv[1:])
     args = parse_args(argv)
     try:
-        result = measure(args)
+        result = measure_scaling(args) if args.scaling else measure(args)
     except BenchError as err:
         log(f"error: {err}")
         return 1
-    emit(result, args.json, print_table)
+    emit(result, args.json, print_scaling if args.scaling else print_table)
     return 0
 
 
