@@ -207,7 +207,8 @@ def array_problems(attrs: dict[str, Any], arrays: dict[str, tuple[tuple[int, ...
             problems.append(f"array {name} is {have_dtype}, the format says {dtype}")
         rows, top = shape[0], attrs["n_rows"] if max_rows is None else max(max_rows, attrs["n_rows"])
         if not attrs["n_rows"] <= rows <= top:
-            problems.append(f"attributes say n_rows {attrs['n_rows']} but array {name} has {rows}")
+            grown = " (a growth cut short? extract with the grown manifest finishes it)" if rows > attrs["n_rows"] else ""
+            problems.append(f"attributes say n_rows {attrs['n_rows']} but array {name} has {rows}{grown}")
         problems += [f"attributes say {key} {attrs[key]} but array {name} has {size}"
                      for key, size in zip(dims[1:], shape[1:]) if size != attrs[key]]
         if name == "tokens" and rows_per_object != attrs["shard_size"]:
