@@ -35,7 +35,7 @@ As the work grows (`--scaling`): one 640x360 25 fps video per length (15 s, 1, 4
 a manifest of that video alone and with copies (hard links), and the difference is the copies'
 cost with the start-up (imports, model loading) taken out: Cinego's way runs on 1 and 2 copies,
 the job on 1 and 9 (its cost per video is small next to the start-up), divided by the copies
-added. Plotted with the driver's peak memory against corpus size, from bench/driver_memory.py's
+added; the median over --repeats such differences. Plotted with the driver's peak memory against corpus size, from bench/driver_memory.py's
 JSON (`--driver-memory`), into `bench/results/extract_scaling.png`.
 
 Reproduce:
@@ -248,16 +248,12 @@ def measure_scaling(args: argparse.Namespace) -> dict:
             run([py, "run_extract.py", "manifest", "--instructions", str(run_dir / f"i_{tag}.json"),
                  "--videos", str(videos), "--out", str(manifests[copies])], logs, f"manifest-{tag}")
         for key in SCALING_ROWS:
-            timed = []
-            for copies in (1, 1 + EXTRA_COPIES[key]):
-                tag = f"{key}_{int(seconds)}_{copies}"
-                extract = [py, "run_extract.py", "extract", "--manifest", str(manifests[copies]), "--encoder", ENCODER,
-                           "--pretrained", "none", "--frames", str(FRAMES), "--store", str(run_dir / f"{tag}.zarr")]
-                command = {"cinego": [py, __file__, "_cinego", "--manifest", str(manifests[copies]),
-                                      "--out", str(run_dir / tag)],
-                           "job": extract, "job_keyframe": [*extract, "--sampling", "keyframe"]}[key]
-                timed.append(run(command, logs, tag)[0])
-            points[key].append(round(max(timed[1] - timed[0], 0.0) / EXTRA_COPIES[key], 3))
+            differences = []
+            for repeat in range(args.repeats):
+                timed = [_timed_scaling_run(key, manifests[copies], run_dir, logs, f"{key}_{int(seconds)}_{copies}_{repeat}")
+                         for copies in (1, 1 + EXTRA_COPIES[key])]
+                differences.append(max(timed[1] - timed[0], 0.0) / EXTRA_COPIES[key])
+            points[key].append(round(statistics.median(differences), 3))
             log(f"{int(seconds)} s video, {ROWS[key]}: {points[key][-1]:.2f} s per video")
     driver = json.loads(args.driver_memory.read_text()) if args.driver_memory.exists() else {"runs": []}
     memory = [(r["rows"], round(r["vmhwm_kib"] / 1024, 1)) for r in driver.get("runs", []) if "vmhwm_kib" in r]
@@ -265,6 +261,15 @@ def measure_scaling(args: argparse.Namespace) -> dict:
     return {"benchmark": "extract_scaling", "lengths_s": lengths, "seconds_per_video": points,
             "driver_peak_mib_by_rows": memory, "driver_memory_source": str(args.driver_memory),
             "plot": str(args.plot), "encoder": ENCODER, "frames": FRAMES, "video": "640x360, 25 fps, GOP 250"}
+
+
+def _timed_scaling_run(key: str, manifest: Path, run_dir: Path, logs: Path, tag: str) -> float:
+    py = sys.executable
+    extract = [py, "run_extract.py", "extract", "--manifest", str(manifest), "--encoder", ENCODER,
+               "--pretrained", "none", "--frames", str(FRAMES), "--store", str(run_dir / f"{tag}.zarr")]
+    command = {"cinego": [py, __file__, "_cinego", "--manifest", str(manifest), "--out", str(run_dir / tag)],
+               "job": extract, "job_keyframe": [*extract, "--sampling", "keyframe"]}[key]
+    return run(command, logs, tag)[0]
 
 
 def plot_scaling(lengths: list[float], points: dict[str, list[float]], memory: list[tuple[int, float]],
@@ -276,7 +281,8 @@ def plot_scaling(lengths: list[float], points: dict[str, list[float]], memory: l
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("cinego", "Cinego's way"), ("job", "this job, uniform"), ("job_keyframe", "this job, keyframe")):
-        left.plot([x / 60 for x in lengths], points[key], marker="o", label=label)
+        shown = [(x / 60, y) for x, y in zip(lengths, points[key]) if y > 0]  # 0: below the noise, off a log axis
+        left.plot([x for x, _ in shown], [y for _, y in shown], marker="o", label=label)
     left.set(xlabel="video length (minutes)", ylabel="seconds per video (start-up excluded)",
              title="cost per video as videos get longer", xscale="log", yscale="log")
     left.grid(True, which="both", alpha=0.3)
