@@ -29,8 +29,12 @@ def _add_generation(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> No
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0 (default: 1.0, off)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (default: 1.0, off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
-    g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    g.add_argument("--threads", type=int, help=THREADS_HELP)
+    _add_device(g)
+
+
+def _add_device(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload in MiB (default: %(default)s)")
     w.add_argument("--max-video-seconds", type=float, default=3600.0, help="longest upload in seconds (default: %(default)s)")
     w.add_argument("--max-new-tokens", type=int, default=128, help="the page's starting answer length (default: %(default)s)")
-    w.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    w.add_argument("--threads", type=int, help=THREADS_HELP)
+    _add_device(w)
 
     k = sub.add_parser("tokenizer", help="train the byte-level BPE on a manifest's training text")
     k.add_argument("--manifest", type=Path, required=True, help="manifest folder whose training text is used")

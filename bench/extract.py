@@ -69,7 +69,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from extract_speed import (ENCODER, FRAMES, BenchError, check, clip_preprocess, encoder_image_size, log,  # noqa: E402
                            make_video, run, store_status, write_instructions)
-from report import emit  # noqa: E402
+from report import emit, print_checks  # noqa: E402
 
 LENGTHS = (30, 60, 90, 120, 150, 180)
 QUICK_LENGTHS = (10, 20, 30)
@@ -315,11 +315,7 @@ def print_table(result: dict) -> None:
     for row in result["rows"].values():
         print(f"| {row['label']} | {row['median_s']:.1f} | {row['videos_per_s']:.2f} | {row['frames_per_s']:.1f} |")
     print()
-    print("| check | value | bar | result |")
-    print("|---|---|---|---|")
-    for c in result["checks"].values():
-        value = f"{c['value']:.3f}" if isinstance(c["value"], float) else c["value"]
-        print(f"| {c['label']} | {value} | {c['bar']} | {'PASS' if c['pass'] else 'FAIL'} |")
+    print_checks(result["checks"], 3)
     print(f"\n{result['videos']} videos ({result['video_hours']} h), {result['encoder']} at {result['image_size']} px, "
           f"F={result['frames']}, {result['cpus']} CPUs; store {result['bytes_per_video']} bytes per video, raw "
           f"float16 {result['raw_float16_bytes_per_video']}")

@@ -80,7 +80,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the hidden subcommands import the project without an install
 
-from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)  # noqa: E402
+from report import emit, print_checks  # bench/report.py (bench/ is on sys.path when run as a script)  # noqa: E402
 
 ENCODER = "demo-tiny"
 FRAMES = 8
@@ -402,11 +402,7 @@ def print_table(result: dict) -> None:
               f"| {cpu} | {len(row['samples_s'])} |")
     print(f"| {result['rerun']['label']} | {result['rerun']['seconds']:.1f} | | | | 1 |")
     print()
-    print("| check | value | bar | result |")
-    print("|---|---|---|---|")
-    for c in result["checks"].values():
-        value = f"{c['value']:.2f}" if isinstance(c["value"], float) else c["value"]
-        print(f"| {c['label']} | {value} | {c['bar']} | {'PASS' if c['pass'] else 'FAIL'} |")
+    print_checks(result["checks"])
     print(f"\n{n} videos x {result['seconds_per_video']:g} s, {result['resolution']} @ {result['fps']} fps, "
           f"x264 {result['x264_options']['preset']} with B-frames, GOP {result['gop']}; {result['encoder']} "
           f"(random weights) at {result['image_size']} px, F={result['frames']}; {result['cpus']} CPUs")

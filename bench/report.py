@@ -22,3 +22,12 @@ def emit(result: dict, json_path: Path | None, print_table: Callable[[dict], Non
         json_path.write_text(text + "\n", encoding="utf-8")
     print()
     print_table(result)
+
+
+def print_checks(checks: dict, digits: int = 2) -> None:
+    """The Markdown table of a result's checks ({label, value, bar, pass} each)."""
+    print("| check | value | bar | result |")
+    print("|---|---|---|---|")
+    for c in checks.values():
+        value = f"{c['value']:.{digits}f}" if isinstance(c["value"], float) else c["value"]
+        print(f"| {c['label']} | {value} | {c['bar']} | {'PASS' if c['pass'] else 'FAIL'} |")

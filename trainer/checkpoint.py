@@ -22,7 +22,6 @@ silent fallback would hide a damaged disk and quietly redo finished steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from manifests.manifest import sha256_file
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def save_checkpoint(
         "optimizer": {"type": type(optimizer).__name__, "param_groups": groups},
         "rng": rng_state(),
         "extra": extra or {},
-        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in WEIGHT_FILES},
+        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in WEIGHT_FILES},
     }
     (tmp / "state.json").write_text(json.dumps(state) + "\n")
     for file in tmp.iterdir():
@@ -224,14 +224,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _damaged(file: Path, what: str, verb: str = "is damaged:") -> TrainerError:
@@ -279,7 +271,7 @@ def _check_file(ckpt: Path, name: str, state: dict[str, Any]) -> Path:
         size = file.stat().st_size
         if size != expected.get("bytes"):
             raise _damaged(file, f"{size} bytes, state.json recorded {expected.get('bytes')} (truncated?)")
-        if _sha256(file) != expected.get("sha256"):
+        if sha256_file(file) != expected.get("sha256"):
             raise _damaged(file, "its sha256 is not the one state.json recorded")
     return file
 
