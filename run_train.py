@@ -37,6 +37,12 @@ def _add_device(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--threads", type=int, help=THREADS_HELP)
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the INFO log lines (run and encoder loading) on stderr; by default only "
+                        "the result and warnings are printed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_train.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "no-video ablations and each --compare run, instead of JSON")
     e.add_argument("--compare", type=Path, nargs="*", default=[], metavar="RUN",
                    help="other runs for the --table (e.g. the cinego summary trained with the same budget)")
+    _add_verbose(e)
 
     c = sub.add_parser("chat", help="ask a trained run about a video (streams the answer)")
     c.add_argument("--run", type=Path, required=True, help="run directory")
@@ -133,12 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--row", type=int, help="a row of --store")
     c.add_argument("--question", help="one question; without it the chat is interactive")
     _add_generation(c)
+    _add_verbose(c)
 
     d = sub.add_parser("describe", help="answer one question for every video in a folder (Markdown table)")
     d.add_argument("--run", type=Path, required=True, help="run directory")
     d.add_argument("--videos", type=Path, required=True, help="folder of video files to describe")
     d.add_argument("--question", default="Describe the video.", help="asked of every video (default: Describe the video.)")
     _add_generation(d)
+    _add_verbose(d)
 
     w = sub.add_parser("serve", help="a local web chat page (Gradio; needs the [web] extra)")
     w.add_argument("--run", type=Path, required=True, help="run directory")
@@ -186,7 +195,9 @@ def _read_question() -> str | None:
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from trainer.errors import TrainerError
-        from trainer.train import TrainConfig, resume_config, train
+        from trainer.config import TrainConfig
+        from trainer.resume import resume_config
+        from trainer.train import train
 
         given = {k: v for k, v in vars(args).items() if k != "command"}
         if given.pop("resume", False):
@@ -234,10 +245,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    """train and serve log their progress (INFO) on the first rank. eval, chat and describe print a
+    result on stdout, so without --verbose they log only this project's warnings: neither its INFO
+    lines nor open_clip's chatter (it warns at every load of `--pretrained none` random weights)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    verbose = getattr(args, "verbose", True)  # the commands without --verbose always log
+    if not verbose:
+        ours = ("manifests", "model", "pipeline", "trainer")
+        handler.addFilter(lambda record: record.levelno >= logging.ERROR or record.name.split(".")[0] in ours)
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if first_rank and verbose else logging.WARNING, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet = int(os.environ.get("RANK", "0")) != 0
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    _configure_logging(args)
     from manifests.manifest import ManifestError
     from model import CheckpointError
     from trainer.errors import TrainerError

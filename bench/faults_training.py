@@ -35,7 +35,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from trainer.checkpoint import list_checkpoints  # noqa: E402
 from trainer.errors import TrainerError  # noqa: E402
 from trainer.run import load_run  # noqa: E402
-from trainer.train import TrainConfig, train  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.train import train  # noqa: E402
 from trainer_helpers import KILL_MOMENTS, cli_args, make_manifest, make_store, run_killed, tiny_train_args  # noqa: E402
 
 STEPS, SAVE_EVERY = 6, 2  # checkpoints at steps 2, 4 and 6

@@ -2,10 +2,10 @@
 in memory (the limit) and Cinego's way, side by side.
 
 What it measures. Optimizer steps per second and samples per second of the project's own
-training step (`trainer.train._step`: forward, the trainer's token loss, backward, gradient
-clipping, the trainer's AdamW with its parameter groups) on the same model (`trainer.train.
-_model_config`: exactly what `run_train.py train --preset P` builds for this store and
-tokenizer), the same batch size and the same samples in the same order (`trainer.data.BatchPlan`,
+training step (`trainer.train.optimizer_step`: forward, the trainer's token loss, backward,
+gradient clipping, the trainer's AdamW with its parameter groups) on the same model
+(`trainer.config.model_config`: exactly what `run_train.py train --preset P` builds for this store and
+tokenizer), the same batch size and the same samples in the same order (`trainer.batching.BatchPlan`,
 seed 0). Only where the video features come from differs:
 
 1. `disk`: the trainer's `--feature-cache disk` path: `DiskFeatures` reads each batch's rows from
@@ -47,7 +47,7 @@ elsewhere on the machine hits all rows alike: in a round each row runs `lead` un
 (the DataLoader's prefetch depth, 4 per worker: a row whose workers kept reading while the
 others ran starts its turn with a full queue, and the lead-in drains that head start) and then
 `--steps` timed ones. A step is what the trainer's loop does: the next batch, `.to(device)`,
-`_step` (which ends with the loss's `.item()`, a device sync); the clock is `time.perf_counter`
+`optimizer_step` (which ends with the loss's `.item()`, a device sync); the clock is `time.perf_counter`
 around the timed steps. A row's rate is its timed steps over their summed time; the JSON keeps
 each round's rate. A ratio is the median over rounds of the two rows' rates in that round (the
 rows of a round run back to back, so a burst of load from elsewhere skews a pair less often
@@ -318,10 +318,10 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, manifest_dir: Path, store_path: Path) -> None:
         from manifests.manifest import load_manifest
-        from trainer.data import build_examples
+        from trainer.examples import build_examples
         from trainer.store import open_store
         from trainer.tokenization import VIDEO_TOKEN, ChatTokenizer, conversation_texts, train_bpe
-        from trainer.train import TrainConfig, _model_config
+        from trainer.config import TrainConfig, model_config
 
         self.args = args
         self.device = torch.device(args.device)
@@ -331,7 +331,7 @@ class Bench:
         self.tok = ChatTokenizer(train_bpe(texts), VIDEO_TOKEN)
         self.train_cfg = TrainConfig(manifest=manifest_dir, store=store_path, out=args.work / "unused",
                                      preset=args.preset, max_len=args.max_len)
-        self.model_cfg = _model_config(self.train_cfg, self.tok, self.store, None)
+        self.model_cfg = model_config(self.train_cfg, self.tok, self.store, None)
         self.examples = build_examples(self.manifest, self.store, self.tok, "train", self.model_cfg.n_video_tokens,
                                        args.max_len)
         self.rows = self.examples.rows
@@ -341,7 +341,7 @@ class Bench:
         self._decode = None
 
     def features(self, kind: str):  # noqa: ANN201
-        from trainer.data import DiskFeatures, GpuFeatures, RamFeatures
+        from trainer.features import DiskFeatures, GpuFeatures, RamFeatures
 
         if kind == "disk":
             return DiskFeatures(self.store.path)
@@ -369,16 +369,17 @@ class Runner:
 
     def __init__(self, bench: Bench, kind: str, batch_size: int, total: int) -> None:
         from model import VideoLM
-        from trainer.data import Batch, BatchDataset, BatchPlan, BatchStream, worker_context
+        from trainer.batching import Batch, BatchDataset, BatchPlan, BatchStream, worker_context
         from trainer.distributed import Dist
-        from trainer.train import PARTS, _optimizer, _set_trainable
+        from trainer.config import PARTS
+        from trainer.optim import make_optimizer, set_trainable
 
         args, device = bench.args, bench.device
         self.kind, self.batch_size, self.device, self.cfg = kind, batch_size, device, bench.train_cfg
         torch.manual_seed(0)
         self.model = (cinego_model(bench.model_cfg) if kind == "cinego" else VideoLM(bench.model_cfg)).to(device)
-        trainable = _set_trainable(self.model, PARTS)
-        self.optimizer = _optimizer(trainable, bench.train_cfg, device)
+        trainable = set_trainable(self.model, PARTS)
+        self.optimizer = make_optimizer(trainable, bench.train_cfg, device)
         self.params = [p for _, p in trainable]
         self.dist = Dist(device=device)
         plan = BatchPlan(bench.examples.lengths, batch_size, seed=0)
@@ -422,13 +423,13 @@ class Runner:
 
     def run(self, n: int) -> float:
         """Seconds for the next ``n`` steps, each as the trainer's loop does it: the next batch,
-        to the device, `_step` (which ends with the loss's `.item()`, a device sync)."""
-        from trainer.train import _step
+        to the device, `optimizer_step` (which ends with the loss's `.item()`, a device sync)."""
+        from trainer.train import optimizer_step
 
         start = time.perf_counter()
         for _ in range(n):
             batch = next(self.batches).to(self.device)
-            loss, _, _ = _step(self.model, [batch], self.optimizer, self.params, self.cfg.lr, self.cfg.clip,
+            loss, _, _ = optimizer_step(self.model, [batch], self.optimizer, self.params, self.cfg.lr, self.cfg.clip,
                                self.dist, self.device)
             self.losses.append(loss)
         return time.perf_counter() - start

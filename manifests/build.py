@@ -35,8 +35,8 @@ from manifests.manifest import (
     jsonl_line,
     sha256_file,
     video_root_of,
-    write_text_atomic,
 )
+from pipeline.atomic import write_atomic
 from pipeline.errors import StorageError
 from pipeline.storage import filesystem, is_url, storage_errors
 
@@ -292,9 +292,9 @@ def build_manifest(cfg: ManifestConfig) -> ManifestSummary:
     out.mkdir(parents=True, exist_ok=True)
     videos_text = old_videos_text + "".join(jsonl_line(entry_record(e)) for e in new_entries)
     samples_text = old_samples_text + "".join(new_sample_lines)
-    write_text_atomic(out / "videos.jsonl", videos_text)
-    write_text_atomic(out / "samples.jsonl", samples_text)
-    write_text_atomic(out / "problems.jsonl", "".join(jsonl_line(p.record()) for p in problems))
+    write_atomic(out / "videos.jsonl", videos_text)
+    write_atomic(out / "samples.jsonl", samples_text)
+    write_atomic(out / "problems.jsonl", "".join(jsonl_line(p.record()) for p in problems))
 
     entries = old_entries + new_entries
     fingerprint = hashlib.sha256(f"{shard_size}\n{videos_text}\n{samples_text}".encode()).hexdigest()[:32]
@@ -320,7 +320,7 @@ def build_manifest(cfg: ManifestConfig) -> ManifestSummary:
         "manifest_id": (meta or {}).get("manifest_id", fingerprint),
         "fingerprint": fingerprint,
     }
-    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     log.info("manifest written to %s", out)
     return ManifestSummary(
         out=out,

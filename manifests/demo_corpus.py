@@ -8,8 +8,10 @@ what the trained model is later tested on.
 
     OUT/videos/<video_id>.mp4   H.264 (PyAV / libx264), yuv420p
     OUT/instructions.json       [{"q": ..., "a": ..., "video_id": ...}, ...]  (VideoInstruct-100K)
-    OUT/labels.json             {video_id: {"colour", "shape", "direction", "width", "height",
-                                             "fps", "frames", "seconds"}}
+    OUT/labels.json             {video_id: {"colour" | "shape" | "direction": {"question": the
+                                 one its instructions ask, "answer": "red" ...}}}  (what
+                                 `run_train.py eval --labels` reads; sizes, rates and lengths
+                                 are in `plan_videos(n_videos, seed)`)
 Everything is a function of the seed, the mp4 bytes included (x264 runs single-threaded and
 without its macroblock-tree rate control, whose output depended on uninitialised memory).
 """
@@ -45,10 +47,24 @@ SECONDS = (2.0, 12.0)
 OBJECT_SIZE = 0.5  # the object's side as a fraction of the frame's shorter side
 NOISY_SUFFIX = "\nQA_GT_caption_based_noisy"
 
-COLOUR_QUESTIONS = ("What colour is the moving object?", "What is the color of the shape in the video?")
-SHAPE_QUESTIONS = ("What shape is the moving object?", "Which shape can be seen in the video?")
-DIRECTION_QUESTIONS = ("In which direction does the object move?", "Where is the object going?")
 DESCRIBE_QUESTIONS = ("Describe the video.", "What happens in this video?")
+
+
+@dataclass(frozen=True)
+class QuestionType:
+    """A closed-form question about a `DemoVideo` attribute (named by the type's key)."""
+
+    questions: tuple[str, str]  # asked of the even- and the odd-numbered videos
+    answer: str  # the reference answer; {} stands for the attribute's value
+
+
+QUESTION_TYPES = {
+    "colour": QuestionType(("What colour is the moving object?", "What is the color of the shape in the video?"),
+                           "The object is {}."),
+    "shape": QuestionType(("What shape is the moving object?", "Which shape can be seen in the video?"), "It is a {}."),
+    "direction": QuestionType(("In which direction does the object move?", "Where is the object going?"),
+                              "It moves {}."),
+}
 
 
 @dataclass(frozen=True)
@@ -151,20 +167,23 @@ def write_video(video: DemoVideo, path: Path, seed: int) -> None:
             container.mux(packet)
 
 
+def labels_for(video: DemoVideo, index: int) -> dict[str, dict[str, str]]:
+    """The video's labels.json entry: per question type, the question its instructions ask and
+    the label (the `index`-th video is asked the `index % 2`-th phrasing)."""
+    return {kind: {"question": qtype.questions[index % 2], "answer": getattr(video, kind)}
+            for kind, qtype in QUESTION_TYPES.items()}
+
+
 def instructions_for(video: DemoVideo, index: int) -> list[dict[str, str]]:
     """VideoInstruct-100K records for one video: colour, shape, direction and a description.
     Every fourth video's description carries VideoInstruct's noisy-caption suffix."""
-    pick = index % 2
     describe = (
         f"A {video.colour} {video.shape} moves {video.direction} "
         f"across a textured background for {video.seconds:.1f} seconds."
     )
-    records = [
-        (COLOUR_QUESTIONS[pick], f"The object is {video.colour}."),
-        (SHAPE_QUESTIONS[pick], f"It is a {video.shape}."),
-        (DIRECTION_QUESTIONS[pick], f"It moves {video.direction}."),
-        (DESCRIBE_QUESTIONS[pick] + (NOISY_SUFFIX if index % 4 == 0 else ""), describe),
-    ]
+    records = [(label["question"], QUESTION_TYPES[kind].answer.format(label["answer"]))
+               for kind, label in labels_for(video, index).items()]
+    records.append((DESCRIBE_QUESTIONS[index % 2] + (NOISY_SUFFIX if index % 4 == 0 else ""), describe))
     return [{"q": q, "a": a, "video_id": video.video_id} for q, a in records]
 
 
@@ -195,16 +214,7 @@ def make_demo_corpus(out: Path, n_videos: int = 96, seed: int = 0, workers: int 
     records, labels = [], {}
     for index, video in enumerate(videos):
         records += instructions_for(video, index)
-        labels[video.video_id] = {
-            "colour": video.colour,
-            "shape": video.shape,
-            "direction": video.direction,
-            "width": video.width,
-            "height": video.height,
-            "fps": video.fps,
-            "frames": video.frames,
-            "seconds": round(video.seconds, 3),
-        }
+        labels[video.video_id] = labels_for(video, index)
     (out / "instructions.json").write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
     log.info("demo corpus: %d videos, %d instructions in %s", len(videos), len(records), out)

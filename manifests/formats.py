@@ -17,12 +17,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from manifests.manifest import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ManifestError
 
 VIDEO_MARKER = "<video>"
-_MARKERS = re.compile(r"\s*<(?:video|image)>\s*")
+MARKER_PATTERN = re.compile(r"\s*<(?:video|image)>\s*")  # a marker with the space around it, wherever it stands
 _NOISY_SUFFIX = re.compile(r"\s*\bQA_GT_\w*\s*$")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMATS = ("auto", "videoinstruct", "llava")
@@ -50,7 +50,7 @@ class Problem:
 
 def clean_text(text: str) -> str:
     """Strip the video marker and VideoInstruct's noisy-caption suffix."""
-    return _NOISY_SUFFIX.sub("", _MARKERS.sub(" ", text)).strip()
+    return _NOISY_SUFFIX.sub("", MARKER_PATTERN.sub(" ", text)).strip()
 
 
 def video_id_of(ref: str) -> str:
@@ -149,13 +149,3 @@ def read_instructions(path: Path, fmt: str = "auto") -> tuple[list[Record], list
         item = parse(index, raw) if isinstance(raw, dict) else Problem("bad_conversation", "record is not a JSON object", index=index)
         (records if isinstance(item, Record) else problems).append(item)
     return records, problems, fmt
-
-
-def iter_video_ids(records: list[Record]) -> Iterator[str]:
-    """Distinct video ids in order of first appearance."""
-    seen: set[str] = set()
-    for r in records:
-        vid = video_id_of(r.video_ref)
-        if vid not in seen:
-            seen.add(vid)
-            yield vid

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from pipeline.storage import is_url, normalize
 
@@ -148,17 +148,6 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 def jsonl_line(record: dict[str, Any]) -> str:
     """The one serialisation used for every manifest line, so rewriting a row is byte-identical."""
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(jsonl_line(r) for r in records))
 
 
 def read_manifest_meta(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:

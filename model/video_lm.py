@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import VideoLMConfig
 from model.lm import MiniMindLM
+from model.loss import n_targets, token_loss_sum
 from model.pretrained import load_lm
 from model.projector import Projector
 from model.summary import VideoSummary
@@ -88,7 +88,7 @@ class VideoLM(nn.Module):
 
         input_ids: (B, L) long, right-padded; attention_mask: (B, L), 0/False on padding;
         video: (B, F, T, D) or None; labels: (B, L) long aligned with input_ids (labels[:, t] is
-        the token at position t; the shift happens here), -100 where no loss is wanted.
+        the token at position t), IGNORE where no loss is wanted (`model.loss`).
         """
         embeddings = self.embed(input_ids, video, attention_mask)
         # Causality already hides right padding from real positions, so the LM gets no mask
@@ -96,9 +96,5 @@ class VideoLM(nn.Module):
         logits = self.lm(embeddings=embeddings)
         if labels is None:
             return logits, None
-        targets = labels[:, 1:].flatten()  # (B*(L-1),)
-        loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum"
-        )
         # a batch with no labelled target (an answer cut off by truncation) gives 0, not NaN
-        return logits, loss / (targets != -100).sum().clamp(min=1)
+        return logits, token_loss_sum(logits, labels) / n_targets(labels).clamp(min=1)

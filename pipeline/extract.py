@@ -275,8 +275,8 @@ def rebuild(cfg: RebuildConfig) -> ExtractSummary:
 
 class FileEncoder:
     """The store's encoder, loaded once, for encoding files that are not in the store exactly as
-    the store with `store_attrs` was made (encoder, weights, frames, sampling, layer). A server
-    answering many uploads keeps one; loading the tower per file would cost seconds each."""
+    the store with `store_attrs` was made (encoder, weights, frames, sampling, layer). A command
+    or a server keeps one for all its files; loading the tower per file would cost seconds each."""
 
     def __init__(self, store_attrs: dict[str, Any], device: str = "cpu") -> None:
         enc = store_attrs["encoder"]
@@ -296,9 +296,3 @@ class FileEncoder:
         except DecodeError as err:
             raise ExtractError(f"{path}: {err}") from err
         return self.encoder.encode(decoded.frames), decoded
-
-
-def encode_video_file(video_path: Path, store_attrs: dict[str, Any], device: str = "cpu") -> np.ndarray:
-    """(F, T, D) float16 tokens of one file, made exactly as the store with `store_attrs` was
-    (encoder, weights, frames, sampling, layer); for chatting about a video not in the store."""
-    return FileEncoder(store_attrs, device).encode(video_path)[0]

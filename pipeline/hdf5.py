@@ -13,7 +13,6 @@ for readers elsewhere and is refused by `import_hdf5`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -21,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from manifests.manifest import iter_shards, read_manifest_meta
+from pipeline.atomic import atomic_path
 from pipeline.errors import ExtractError
 from pipeline.inspect import open_store
 from pipeline.storage import StoreLocation
@@ -50,8 +50,7 @@ def export_hdf5(store: str | Path, out: Path, split: str | None = None, manifest
                          if e.split == split and e.row < n], dtype=np.int64)
     commits = [c for s in range(n_shards(attrs)) if (c := read_commit(location, s)) is not None]
     out = Path(out).expanduser().resolve()
-    tmp = out.with_name(out.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
         for key, value in attrs.items():
             h5.attrs[key] = json.dumps(value)
         h5.attrs["commits"] = json.dumps(commits)
@@ -64,7 +63,6 @@ def export_hdf5(store: str | Path, out: Path, split: str | None = None, manifest
             step = attrs["shard_size"]
             for start in tqdm(range(0, len(rows), step), desc=f"export {name}", unit="shard", leave=False):
                 dst[start : start + step] = src.get_orthogonal_selection(rows[start : start + step])
-    os.replace(tmp, out)
     return len(rows)
 
 

@@ -4,10 +4,11 @@ One code path serves both. The arrays go through zarr's own store classes (`Loca
 path, `FsspecStore` for a URL); the small files beside them (commit records, leases) through
 `StoreLocation`, which gives each the one guarantee the format needs:
 
-- `write`: a whole object or nothing: temporary name + rename on a filesystem, one PUT on object
-  storage (a PUT is atomic there);
-- `create`: create-if-absent, atomically: `O_EXCL` on a filesystem, a conditional PUT
-  (`If-None-Match: *`) on object storage; the loser of a race gets False.
+- `write`: a whole object or nothing: temporary name + rename on a filesystem (`pipeline.atomic`),
+  one PUT on object storage (a PUT is atomic there);
+- `create`: create-if-absent, atomically: a hard link from a whole temporary file on a
+  filesystem (it fails when the name exists), a conditional PUT (`If-None-Match: *`) on object
+  storage; the loser of a race gets False.
 
 On a filesystem both go through a temporary file, as zarr's `LocalStore` does for every chunk; a
 writer killed between the two leaves it behind. Temporary names never count as objects, and
@@ -31,15 +32,16 @@ import contextlib
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.atomic import TEMPORARY_SUFFIX, temporary_name, write_atomic
 from pipeline.errors import StorageError
 
-# endings of the temporary files of a filesystem store: ours (`write`, `create`) and zarr's
-# `LocalStore` (every chunk and metadata file is written as `<name>.<uuid>.partial`, then renamed)
-TEMPORARY_SUFFIXES = (".tmp", ".partial")
+# endings of the temporary files of a filesystem store: ours (`pipeline.atomic`, for `write` and
+# `create`) and zarr's `LocalStore` (every chunk and metadata file is written as
+# `<name>.<uuid>.partial`, then renamed)
+TEMPORARY_SUFFIXES = (TEMPORARY_SUFFIX, ".partial")
 
 # packages whose exceptions are failures of the storage client (fsspec turns a service's own
 # refusals into OSError: FileNotFoundError for a missing bucket, PermissionError, ...)
@@ -161,15 +163,7 @@ class StoreLocation:
                 self.fs.pipe_file(target, data)
             return
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomic(target, data)
 
     def create(self, name: str, data: bytes) -> bool:
         """Create the object only if it does not exist; False when it already does."""
@@ -178,7 +172,7 @@ class StoreLocation:
             with self.errors():
                 return _create_remote(self.fs, target, data)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        tmp = temporary_name(target)
         with open(tmp, "wb") as f:  # whole before it gets its name: a reader never sees it empty
             f.write(data)
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import av
 import decord
+import h5py
 import numpy as np
 import pytest
 import zarr
@@ -17,6 +18,7 @@ from manifests.build import ManifestConfig, build_manifest
 from manifests.demo_corpus import make_demo_corpus
 from manifests.manifest import load_manifest
 from pipeline import contact_sheet
+from pipeline.errors import ExtractError
 from pipeline.extract import ExtractConfig, RebuildConfig, extract, rebuild
 from pipeline.hdf5 import export_hdf5, import_hdf5
 from pipeline.inspect import status, verify
@@ -46,13 +48,13 @@ def _extract(manifest: Path, store: Path) -> object:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """5 demo videos + one broken file, shard size 2 (3 shards), extracted once."""
+    """5 demo videos + one broken file, shard size 2 (3 shards), both splits, extracted once."""
     root = tmp_path_factory.mktemp("curate")
     make_demo_corpus(root, n_videos=5, seed=2)
     ids = sorted(json.loads((root / "labels.json").read_text()))
     (root / "videos" / "broken.mp4").write_bytes(b"not a video at all" * 100)
     build_manifest(ManifestConfig(_instructions(root / "i.json", ids + ["broken"]), root / "videos",
-                                  root / "manifest", shard_size=2))
+                                  root / "manifest", shard_size=2, val_fraction=0.5))
     store = root / "store.zarr"
     _extract(root / "manifest", store)
     return root, store
@@ -131,7 +133,7 @@ def test_rebuild_one_shard_touches_nothing_else(made, tmp_path):
     assert set(before) <= set(after)
     assert all(name.startswith("leases/shard-000001/") for name in set(after) - set(before))  # its taker
     changed = {name for name in before if after[name] != before[name]}
-    assert changed <= _shard_files(work, 1) and f"tokens/c/1/0/0/0" in changed
+    assert changed <= _shard_files(work, 1) and "tokens/c/1/0/0/0" in changed
     np.testing.assert_array_equal(zarr.open_group(work, mode="r")["tokens"][2:4], fresh)
     assert verify(work, root / "manifest") == []
 
@@ -187,15 +189,33 @@ def test_hdf5_round_trip(made, tmp_path):
     assert sorted((store / "commits").iterdir()) != [] and all(
         (store / "commits" / p.name).read_bytes() == p.read_bytes() for p in (back / "commits").iterdir())
     assert verify(back, root / "manifest") == []
-
-    import h5py
-
     with h5py.File(h5, "r") as f:
         assert f["tokens"].chunks == (1, *a["tokens"].shape[1:])
-    val = tmp_path / "val.h5"
-    manifest = load_manifest(root / "manifest")
-    n_val = export_hdf5(store, val, "val", root / "manifest")
-    assert n_val == sum(e.split == "val" for e in manifest.videos)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_hdf5_split_export_holds_that_splits_rows_as_the_store_has_them(made, tmp_path, split):
+    """Read back with h5py and compared with the store read with zarr, row by row: exactly the
+    manifest's rows of the split, in row order, every array, the attributes and commit records;
+    such a file is refused by import."""
+    root, store = made
+    rows = [e.row for e in load_manifest(root / "manifest").videos if e.split == split]
+    assert 0 < len(rows) < 6  # the fixture's manifest has both splits
+    out = tmp_path / f"{split}.h5"
+    assert export_hdf5(store, out, split, root / "manifest") == len(rows)
+    g = zarr.open_group(store, mode="r")
+    with h5py.File(out, "r") as f:
+        assert f.attrs["split"] == split
+        assert f["row"][:].tolist() == rows
+        for name in ("tokens", "frame_index", "n_frames", "status"):
+            assert f[name].dtype == g[name].dtype
+            np.testing.assert_array_equal(f[name][:], g[name][:][rows])
+        assert {k: json.loads(v) for k, v in f.attrs.items() if k not in ("commits", "split")} == dict(g.attrs)
+        commits = [json.loads(p.read_text()) for p in sorted((store / "commits").iterdir())]
+        assert json.loads(f.attrs["commits"]) == commits
+    with pytest.raises(ExtractError, match=f"only the {split} split"):
+        import_hdf5(out, tmp_path / "back.zarr")
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left, no store made
 
 
 def test_show_tiles_are_the_decoded_cropped_frames(made, tmp_path):

@@ -13,17 +13,9 @@ import decord
 import numpy as np
 import pytest
 
-from manifests.demo_corpus import (
-    COLOUR_QUESTIONS,
-    COLOURS,
-    DIRECTION_QUESTIONS,
-    DIRECTIONS,
-    FRAME_RATES,
-    SHAPE_QUESTIONS,
-    SHAPES,
-    make_demo_corpus,
-    plan_videos,
-)
+from manifests.demo_corpus import COLOURS, DIRECTIONS, FRAME_RATES, QUESTION_TYPES, SHAPES, make_demo_corpus, plan_videos
+
+VALUES = {"colour": set(COLOURS), "shape": set(SHAPES), "direction": set(DIRECTIONS)}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +25,15 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
-def test_instructions_are_in_the_videoinstruct_format(corpus):
+def _labels(corpus: Path) -> dict[str, dict[str, str]]:
+    """labels.json as {video_id: {type: answer}}, its format checked on the way."""
+    labels = json.loads((corpus / "labels.json").read_text())
+    assert all(set(types) == set(VALUES) and all(set(e) == {"question", "answer"} for e in types.values())
+               for types in labels.values())
+    return {video_id: {kind: e["answer"] for kind, e in types.items()} for video_id, types in labels.items()}
+
+
+def test_instructions_are_in_the_videoinstruct_format_and_labels_name_their_questions(corpus):
     records = json.loads((corpus / "instructions.json").read_text())
     labels = json.loads((corpus / "labels.json").read_text())
     assert isinstance(records, list) and len(records) == 4 * len(labels)
@@ -43,34 +43,31 @@ def test_instructions_are_in_the_videoinstruct_format(corpus):
         assert r["video_id"] in labels
     noisy = [r for r in records if r["q"].endswith("\nQA_GT_caption_based_noisy")]
     assert 0 < len(noisy) < len(records)
-    # The answers that need the video name the label, and nothing else from its set.
-    for r in records:
-        label = labels[r["video_id"]]
-        words = set(r["a"].lower().replace(".", " ").split())
-        if r["q"] in COLOUR_QUESTIONS:
-            assert words & set(COLOURS) == {label["colour"]}
-        elif r["q"] in SHAPE_QUESTIONS:
-            assert words & set(SHAPES) == {label["shape"]}
-        elif r["q"] in DIRECTION_QUESTIONS:
-            assert words & set(DIRECTIONS) == {label["direction"]}
+    # Each labelled question is asked of its video once, and the answer names the label and
+    # nothing else of its type's values; both phrasings of each type are used.
+    for video_id, types in labels.items():
+        for kind, label in types.items():
+            (answer,) = [r["a"] for r in records if r["video_id"] == video_id and r["q"] == label["question"]]
+            assert set(answer.lower().replace(".", " ").split()) & VALUES[kind] == {label["answer"]}
+    for kind, qtype in QUESTION_TYPES.items():
+        assert {types[kind]["question"] for types in labels.values()} == set(qtype.questions)
 
 
-def test_every_video_decodes_to_its_labels(corpus):
-    labels = json.loads((corpus / "labels.json").read_text())
+def test_every_video_decodes_to_its_plan(corpus):
+    labels = _labels(corpus)
     assert sorted(p.stem for p in (corpus / "videos").glob("*.mp4")) == sorted(labels)
-    for video_id, label in labels.items():
-        assert label["colour"] in COLOURS and label["shape"] in SHAPES and label["direction"] in DIRECTIONS
-        assert label["fps"] in FRAME_RATES and 2.0 <= label["seconds"] <= 12.0
-        reader = decord.VideoReader(str(corpus / "videos" / f"{video_id}.mp4"))
-        assert len(reader) == label["frames"]
-        assert reader[0].shape == (label["height"], label["width"], 3)
-        assert reader.get_avg_fps() == pytest.approx(label["fps"], rel=1e-3)
+    for video in plan_videos(12, 3):
+        assert labels[video.video_id] == {"colour": video.colour, "shape": video.shape, "direction": video.direction}
+        assert video.fps in FRAME_RATES and 2.0 <= video.seconds <= 12.0
+        reader = decord.VideoReader(str(corpus / "videos" / f"{video.video_id}.mp4"))
+        assert len(reader) == video.frames
+        assert reader[0].shape == (video.height, video.width, 3)
+        assert reader.get_avg_fps() == pytest.approx(video.fps, rel=1e-3)
 
 
 def test_the_object_moves_in_the_labelled_direction(corpus):
     """The object's colour centroid, measured on the first and last frames, moves as labelled."""
-    labels = json.loads((corpus / "labels.json").read_text())
-    for video_id, label in labels.items():
+    for video_id, label in _labels(corpus).items():
         reader = decord.VideoReader(str(corpus / "videos" / f"{video_id}.mp4"))
         target = np.array(COLOURS[label["colour"]], dtype=np.float32)
         centres = []

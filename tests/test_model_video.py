@@ -6,17 +6,21 @@ import dataclasses
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from model import (
+    IGNORE,
     ProjectorConfig,
     SummaryConfig,
     VideoLM,
     VideoLMConfig,
     VideoSummary,
     lm_preset,
+    n_targets,
     splice_video_tokens,
+    token_loss_sum,
 )
 
 
@@ -178,6 +182,38 @@ def test_loss_is_the_shifted_cross_entropy():
             log_probs = alone[0].log_softmax(-1)
             terms += [-log_probs[t - 1, labels[b, t]] for t in range(1, n) if labels[b, t] != -100]
     torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=0, atol=1e-5)
+
+
+def test_token_loss_sum_is_the_next_token_cross_entropy_written_out():
+    """Against a log-softmax written out in numpy (float64): -log p(label[t] | position t-1),
+    summed over labelled targets; IGNORE labels, and a sample with none, add nothing."""
+    rng = np.random.default_rng(0)
+    B, L, V = 3, 12, 17
+    logits = rng.normal(scale=3.0, size=(B, L, V))
+    labels = rng.integers(0, V, size=(B, L))
+    labels[rng.random((B, L)) < 0.4] = IGNORE
+    labels[2] = IGNORE
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    targets = [(b, t) for b in range(B) for t in range(1, L) if labels[b, t] != IGNORE]
+    expected = -sum(log_probs[b, t - 1, labels[b, t]] for b, t in targets)
+
+    loss = token_loss_sum(torch.tensor(logits, dtype=torch.float32), torch.tensor(labels))
+    assert loss.dtype == torch.float32
+    np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+    assert n_targets(torch.tensor(labels)).item() == len(targets)
+
+
+def test_the_model_loss_is_the_training_loss():
+    from trainer.loss import token_loss_sum as training_loss
+
+    assert training_loss is token_loss_sum
+    model = _tiny_video_lm()
+    ids = torch.tensor([[1, 4, 5, 6, 7, 8], [1, 9, 10, 11, 0, 0]])
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, 7, 8], [IGNORE, 9, 10, 11, IGNORE, IGNORE]])
+    with torch.no_grad():
+        logits, loss = model(ids, torch.tensor([[1] * 6, [1] * 4 + [0, 0]]), labels=labels)
+    torch.testing.assert_close(loss, token_loss_sum(logits, labels) / 7, rtol=0, atol=0)
 
 
 def test_loss_without_labelled_targets_is_zero_not_nan():

@@ -34,7 +34,8 @@ from pipeline.extract import ExtractConfig, RebuildConfig, extract, rebuild
 from pipeline.hdf5 import export_hdf5, import_hdf5
 from pipeline.inspect import status, verify
 from pipeline.storage import StoreLocation
-from trainer.train import TrainConfig, train
+from trainer.config import TrainConfig
+from trainer.train import train
 from trainer_helpers import cli_args, read_metrics, tiny_train_args
 
 F = 4

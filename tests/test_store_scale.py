@@ -48,7 +48,7 @@ from pipeline.store_format import (
     rows_sha256,
     store_attrs,
 )
-from trainer.data import DiskFeatures
+from trainer.features import DiskFeatures
 from trainer.store import open_store
 
 pytestmark = pytest.mark.slow

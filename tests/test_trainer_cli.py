@@ -1,24 +1,26 @@
-"""run_train.py's commands on a tiny trained run: eval (with labels and ablations), chat, describe,
-tokenizer, and one-line errors with non-zero exit codes for user mistakes."""
+"""run_train.py's commands on a tiny trained run: eval, chat, describe, tokenizer, and one-line
+errors with non-zero exit codes for user mistakes; chat and describe on video files against a
+store extracted from those files. (Evaluation itself: tests/test_trainer_eval.py.)"""
 
 from __future__ import annotations
 
+import importlib
 import json
-import math
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import zarr
 
 import run_train
 from manifests.manifest import load_manifest
 from model import GenerationConfig, generate
 from trainer.chat import ChatConfig, chat, markdown_table, open_chat
-from trainer.evaluate import EvalConfig, evaluate, label_correct, normalise, question_type, question_types
+from trainer.config import TrainConfig
 from trainer.run import load_run
-from trainer.train import TrainConfig, train
-from trainer_helpers import COLOURS, PYTHON, REPO, SHAPES, make_manifest, make_store, subprocess_env, tiny_train_args
+from trainer.train import train
+from trainer_helpers import PYTHON, REPO, make_manifest, make_store, subprocess_env, tiny_train_args
 
 
 @pytest.fixture(scope="module")
@@ -28,56 +30,13 @@ def trained(tmp_path_factory) -> dict:
     store = make_store(root / "store.zarr", manifest)
     run = root / "run"
     train(TrainConfig(**tiny_train_args(manifest, store, run, steps=4)))
-    labels = {f"v_{i:03d}": {"colour": COLOURS[i % 4], "shape": SHAPES[i % 3]} for i in range(12)}
-    (root / "labels.json").write_text(json.dumps(labels))
-    return {"root": root, "manifest": manifest, "store": store, "run": run, "labels": root / "labels.json"}
+    return {"root": root, "manifest": manifest, "store": store, "run": run}
 
 
 def cli(*argv: str, capsys) -> tuple[int, str, str]:
     code = run_train.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def test_question_types_by_set_and_by_keyword():
-    from manifests.demo_corpus import COLOUR_QUESTIONS, DIRECTION_QUESTIONS, SHAPE_QUESTIONS
-
-    known = question_types()
-    for kind, questions in (("colour", COLOUR_QUESTIONS), ("shape", SHAPE_QUESTIONS), ("direction", DIRECTION_QUESTIONS)):
-        for q in questions:
-            assert question_type(q, known) == kind and question_type(q, None) == kind
-    assert question_type("Describe the video.", known) is None and question_type("Describe the video.", None) is None
-
-
-def test_answer_normalisation_and_label_matching():
-    assert normalise("The object is  RED.") == "object is red"
-    assert label_correct("The object is red.", "red", COLOURS)
-    assert not label_correct("It is red or blue.", "red", COLOURS)
-    assert not label_correct("It is a circle.", "red", COLOURS)
-    assert not label_correct("It is reddish.", "red", COLOURS)
-
-
-def test_eval_reports_loss_accuracy_and_accuracy_by_type(trained):
-    manifest = load_manifest(trained["manifest"])
-    val_ids = {v.video_id for v in manifest.videos if v.split == "val"}
-    val_samples = [s for s in manifest.samples() if s.video_id in val_ids]
-    assistant_turns = sum(1 for s in val_samples for t in s.conversations if t["role"] == "assistant")
-    colour_questions = sum(1 for s in val_samples for t in s.conversations if t["content"].endswith("What colour is the moving object?"))
-
-    report = evaluate(EvalConfig(run=trained["run"], threads=1, labels=trained["labels"], max_new_tokens=8))
-    assert report["samples"] == len(val_samples) and report["answers"] == assistant_turns
-    assert math.isfinite(report["val_loss"]) and 0 <= report["accuracy"] <= 1
-    assert report["by_type"]["colour"]["n"] == colour_questions
-    assert report["by_type"]["colour"]["chance"] == pytest.approx(1 / 4)
-    assert report["by_type"]["shape"]["chance"] == pytest.approx(1 / 3)
-    assert report["by_type"]["direction"] == {"accuracy": None, "chance": None, "n": 0}
-    assert report["examples"][0]["reference"]
-
-    zero = evaluate(EvalConfig(run=trained["run"], threads=1, ablate="zero-video", max_new_tokens=4, max_samples=4))
-    text_only = evaluate(EvalConfig(run=trained["run"], threads=1, ablate="no-video", max_new_tokens=4, max_samples=4))
-    full = evaluate(EvalConfig(run=trained["run"], threads=1, max_new_tokens=4, max_samples=4))
-    assert len({zero["val_loss"], text_only["val_loss"], full["val_loss"]}) == 3
-    assert zero["ablate"] == "zero-video" and text_only["samples"] == 4
 
 
 def test_eval_cli_prints_json(trained, capsys):
@@ -95,8 +54,6 @@ def test_chat_streams_the_greedy_answer_and_keeps_the_conversation(trained):
     assert answer == "".join(pieces).strip()
     # the same answer as batched greedy generation on the template's prompt
     loaded = load_run(trained["run"], torch.device("cpu"))
-    import zarr
-
     video = torch.from_numpy(zarr.open_group(str(trained["store"]), mode="r")["tokens"][0])[None]
     prompt = loaded.tok.encode_prompt([{"role": "user", "content": "<video>\n" + question}], loaded.model.cfg.n_video_tokens)
     (ids,) = generate(loaded.model, [prompt], video, GenerationConfig(max_new_tokens=12, stop_ids=loaded.tok.stop_ids))
@@ -123,6 +80,8 @@ def test_tokenizer_command(trained, capsys):
 def test_user_mistakes_are_one_line_errors(trained, tmp_path, capsys):
     run, store, manifest = str(trained["run"]), str(trained["store"]), str(trained["manifest"])
     other = make_store(tmp_path / "wide.zarr", trained["manifest"], width=16)
+    old_labels = tmp_path / "old_labels.json"  # the format before labels named their questions
+    old_labels.write_text(json.dumps({"v_000": {"colour": "red", "shape": "circle"}}))
     cases = [
         (["eval", "--run", str(tmp_path / "nope")], "no such run directory"),
         (["eval", "--run", str(tmp_path)], "is not a training run"),
@@ -134,6 +93,8 @@ def test_user_mistakes_are_one_line_errors(trained, tmp_path, capsys):
         (["chat", "--run", run, "--store", str(other), "--row", "0", "--question", "hi"], "does not match run"),
         (["chat", "--run", run, "--store", store, "--row", "99", "--question", "hi"], "outside store"),
         (["eval", "--run", run, "--labels", str(tmp_path / "labels.json")], "no such labels file"),
+        (["eval", "--run", run, "--labels", str(old_labels)], 'expected {video_id: {type: {"question"'),
+        (["chat", "--run", run, "--video", str(tmp_path / "none.mp4"), "--question", "hi"], "no such video file"),
         (["describe", "--run", run, "--videos", str(tmp_path / "none")], "no such folder"),
     ]
     for argv, message in cases:
@@ -152,26 +113,92 @@ def test_markdown_table():
         "| video | answer |\n| --- | --- |\n| a.mp4 | A red \\| circle. Moves. |")
 
 
-def test_chat_and_describe_videos_that_are_not_in_the_store(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory) -> dict:
+    """Three demo videos, a store extracted from them by the pipeline (demo-tiny, 2 frames) and a
+    2-step run on that store: what chat and describe compute for the files must be the store's."""
     pytest.importorskip("open_clip")
     pytest.importorskip("decord")
+    from manifests.build import ManifestConfig, build_manifest
     from manifests.demo_corpus import make_demo_corpus
-    from pipeline.encoder import EncoderSpec, load_encoder
+    from pipeline.extract import ExtractConfig, extract
 
-    encoder = load_encoder(EncoderSpec("demo-tiny", "none", -1, "fp32")).attrs  # as the pipeline records it
-    manifest = make_manifest(tmp_path, n_videos=6)
-    store = make_store(tmp_path / "store.zarr", manifest, frames=2, tokens=encoder["tokens_per_frame"],
-                       width=encoder["width"], encoder=encoder)
-    run = tmp_path / "run"
+    root = tmp_path_factory.mktemp("files")
+    make_demo_corpus(root / "corpus", n_videos=3, seed=11)
+    videos, manifest, store, run = root / "corpus" / "videos", root / "manifest", root / "store.zarr", root / "run"
+    build_manifest(ManifestConfig(root / "corpus" / "instructions.json", videos, manifest))
+    extract(ExtractConfig(manifest=manifest, store=store, encoder="demo-tiny", pretrained="none", frames=2,
+                          decoders=1, encoder_threads=1))
     train(TrainConfig(**tiny_train_args(manifest, store, run, steps=2, summary_heads=4)))
-    make_demo_corpus(tmp_path / "new", n_videos=2, seed=11)
-    videos = tmp_path / "new" / "videos"
+    rows = {f"{v.video_id}.mp4": v.row for v in load_manifest(manifest).videos}
+    return {"videos": videos, "store": store, "run": run, "rows": rows}
 
-    code, out, err = cli("chat", "--run", str(run), "--video", str(sorted(videos.iterdir())[0]),
-                         "--question", "What colour is the moving object?", "--max-new-tokens", "5", capsys=capsys)
-    assert code == 0 and out.endswith("\n"), err  # a 2-step model may well answer with its end token at once
-    code, out, err = cli("describe", "--run", str(run), "--videos", str(videos), "--max-new-tokens", "5", capsys=capsys)
+
+QUESTION = "What colour is the moving object?"
+
+
+def test_chat_about_a_file_reads_the_features_the_store_holds_for_it(extracted):
+    tokens = zarr.open_group(str(extracted["store"]), mode="r")["tokens"]
+    for name, row in extracted["rows"].items():
+        session = open_chat(ChatConfig(run=extracted["run"], video=extracted["videos"] / name, threads=1))
+        assert torch.equal(session.video[0].cpu(), torch.from_numpy(tokens[row])), name
+
+
+def _describe_argv(extracted: dict, *extra: str) -> list[str]:
+    """describe with sampling (seeded per file): a 2-step model's greedy answer is often empty."""
+    return ["describe", "--run", str(extracted["run"]), "--videos", str(extracted["videos"]), "--question", QUESTION,
+            "--max-new-tokens", "6", "--temperature", "1", "--threads", "1", *extra]
+
+
+def test_describe_loads_the_tower_once_and_answers_as_the_store_rows_do(extracted, monkeypatch, capsys):
+    import pipeline.extract
+
+    chat_module = importlib.import_module("trainer.chat")  # the package `trainer` exports a function `chat`
+    loads, videos = [], []
+    load_encoder = pipeline.extract.load_encoder
+    monkeypatch.setattr(pipeline.extract, "load_encoder", lambda *a, **k: loads.append(a) or load_encoder(*a, **k))
+
+    class Session(chat_module.ChatSession):
+        def __init__(self, loaded, video, *args):
+            videos.append(video)
+            super().__init__(loaded, video, *args)
+
+    monkeypatch.setattr(chat_module, "ChatSession", Session)
+    code, out, err = cli(*_describe_argv(extracted), capsys=capsys)
     assert code == 0, err
-    lines = out.strip().splitlines()
-    assert lines[:2] == ["| video | answer |", "| --- | --- |"] and len(lines) == 4
-    assert all(line.split("|")[1].strip().endswith(".mp4") and "could not read" not in line for line in lines[2:])
+    assert len(loads) == 1
+    tokens = zarr.open_group(str(extracted["store"]), mode="r")["tokens"]
+    rows = [row for _, row in sorted(extracted["rows"].items())]
+    assert len(videos) == len(rows) and all(torch.equal(v, torch.from_numpy(tokens[r])) for v, r in zip(videos, rows))
+    expected = []
+    for name, row in sorted(extracted["rows"].items()):
+        ((_, answer),) = chat(ChatConfig(run=extracted["run"], store=extracted["store"], row=row, threads=1,
+                                         question=QUESTION, max_new_tokens=6, temperature=1.0))
+        expected.append((name, answer))
+    assert out == markdown_table(expected) + "\n"
+    assert all(answer for _, answer in expected)
+
+
+def test_chat_describe_and_eval_print_only_their_result_and_never_import_ray(extracted, capsys):
+    run, video = str(extracted["run"]), str(extracted["videos"] / sorted(extracted["rows"])[0])
+    commands = [["chat", "--run", run, "--video", video, "--question", "Where is the object going?",
+                 "--max-new-tokens", "6", "--threads", "1"], _describe_argv(extracted)]
+    printed = "".join(cli(*argv, capsys=capsys)[1] for argv in commands)
+    commands.append(["eval", "--run", run, "--split", "train", "--max-samples", "1", "--max-new-tokens", "2"])
+    script = ("import json, sys, run_train\n"
+              "codes = [run_train.main(argv) for argv in json.loads(sys.argv[1])]\n"
+              "print(json.dumps({'codes': codes, 'ray': 'ray' in sys.modules}))\n")
+
+    def run_train_py(argv: list[list[str]]) -> subprocess.CompletedProcess:
+        return subprocess.run([PYTHON, "-c", script, json.dumps(argv)], cwd=REPO, capture_output=True, text=True,
+                              env=subprocess_env(), timeout=300)
+
+    proc = run_train_py(commands)
+    *result, last = proc.stdout.splitlines(keepends=True)
+    assert json.loads(last) == {"codes": [0, 0, 0], "ray": False}, proc.stderr
+    assert proc.stderr == ""
+    assert "".join(result).startswith(printed)
+    assert json.loads("".join(result)[len(printed):])["samples"] == 1
+    verbose = run_train_py([_describe_argv(extracted, "--verbose")])
+    assert verbose.stdout.startswith(printed[printed.index("| video |"):])
+    assert "loaded " in verbose.stderr and len(verbose.stderr.splitlines()) >= 2

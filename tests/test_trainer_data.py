@@ -10,8 +10,9 @@ import torch
 import zarr
 
 from manifests.manifest import load_manifest
-from trainer.data import (BatchDataset, BatchPlan, BatchStream, DiskFeatures, RamFeatures, add_text_only, build_examples,
-                          make_batch)
+from trainer.batching import BatchDataset, BatchPlan, BatchStream, make_batch
+from trainer.examples import add_text_only, build_examples
+from trainer.features import DiskFeatures, RamFeatures
 from trainer.errors import TrainerError
 from trainer.store import check_store_matches_manifest, open_store
 from trainer.tokenization import IGNORE, ChatTokenizer, conversation_texts, train_bpe

@@ -18,11 +18,13 @@ from safetensors.torch import load_file, save_file
 
 import run_train
 from trainer.checkpoint import list_checkpoints
-from trainer.data import SharedRamFeatures
+from trainer.features import SharedRamFeatures
 from trainer.distributed import Dist
 from trainer.errors import TrainerError
 from trainer.run import load_run, read_run_config
-from trainer.train import TrainConfig, resume_config, train
+from trainer.config import TrainConfig
+from trainer.resume import resume_config
+from trainer.train import train
 from trainer_helpers import (KILL_MOMENTS, REPO, TORCHRUN, cli_args, make_manifest, make_store, read_metrics,
                              run_killed, subprocess_env, tiny_train_args)
 
@@ -306,7 +308,7 @@ import importlib, json, os, sys
 from pathlib import Path
 import run_train
 
-data, train = importlib.import_module("trainer.data"), importlib.import_module("trainer.train")  # trainer.train is also a function
+data, setup = importlib.import_module("trainer.features"), importlib.import_module("trainer.setup")
 
 rank = int(os.environ["RANK"])
 loads = []
@@ -316,7 +318,7 @@ def counting_load_rows(array, rows, out):
     return load_rows(array, rows, out)
 data._load_rows = counting_load_rows
 
-make_features = train.make_features
+make_features = setup.make_features
 def recording_make_features(kind, store, rows, device, dist=None):
     before = len(loads)
     features = make_features(kind, store, rows, device, dist)
@@ -328,7 +330,7 @@ def recording_make_features(kind, store, rows, device, dist=None):
     with open(Path(os.environ["RECORD_DIR"]) / f"rank{rank}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\\n")
     return features
-train.make_features = recording_make_features
+setup.make_features = recording_make_features
 sys.exit(run_train.main(sys.argv[1:]))
 """
 
@@ -365,9 +367,9 @@ def test_torchrun_ram_cache_is_loaded_once_per_node_and_shared(corpus, tmp_path)
 
 
 def test_a_shared_cache_holds_the_store_rows_and_refuses_before_loading_what_does_not_fit(corpus, tmp_path, monkeypatch):
-    import trainer.data
+    import trainer.features
 
-    monkeypatch.setattr(trainer.data, "_shared_folder", lambda: tmp_path)
+    monkeypatch.setattr(trainer.features, "_shared_folder", lambda: tmp_path)
     rows = [7, 2, 5, 11]
     features = SharedRamFeatures(corpus["store"], rows, Dist())
     expected = zarr.open_group(str(corpus["store"]), mode="r")["tokens"][:][[2, 5, 2, 11]]
@@ -375,8 +377,8 @@ def test_a_shared_cache_holds_the_store_rows_and_refuses_before_loading_what_doe
     assert list(tmp_path.iterdir()) == []  # unlinked once mapped
 
     loads = []
-    monkeypatch.setattr(trainer.data, "_load_rows", lambda *a: loads.append(a))
-    monkeypatch.setattr(trainer.data, "_available_host_memory", lambda: 1000.0)
+    monkeypatch.setattr(trainer.features, "_load_rows", lambda *a: loads.append(a))
+    monkeypatch.setattr(trainer.features, "_available_host_memory", lambda: 1000.0)
     with pytest.raises(TrainerError, match=r"needs 0.00 GiB but only 0.00 GiB of host memory is free; use --feature-cache disk"):
         SharedRamFeatures(corpus["store"], rows, Dist())
     assert loads == [] and list(tmp_path.iterdir()) == []

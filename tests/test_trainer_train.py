@@ -14,13 +14,17 @@ import torch
 from safetensors.torch import load_file
 
 from model import VideoLM
-from trainer.checkpoint import latest_checkpoint
-from trainer.data import BatchDataset, BatchPlan, BatchStream, RamFeatures, build_examples
+from trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.batching import BatchDataset, BatchPlan, BatchStream
+from trainer.examples import build_examples
+from trainer.features import RamFeatures
 from trainer.errors import TrainerError
 from trainer.loss import token_loss_sum
 from trainer.run import load_run, read_run_config
 from trainer.store import open_store
-from trainer.train import TrainConfig, _set_trainable, train
+from trainer.config import TrainConfig
+from trainer.optim import set_trainable
+from trainer.train import train
 from trainer_helpers import (PYTHON, REPO, TORCHRUN, cli_args, make_manifest, make_store, read_metrics, subprocess_env,
                              tiny_train_args)
 
@@ -45,31 +49,61 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(latest_checkpoint(run) / "model.safetensors"))
 
 
-def test_resume_continues_bit_for_bit(corpus):
-    whole = run_args(corpus, "whole", steps=6, grad_accum=2, batch_size=3)
+@pytest.mark.parametrize("cache", [{"feature_cache": "ram"}, {"feature_cache": "disk", "workers": 2}], ids=["ram", "disk-workers"])
+def test_resume_continues_bit_for_bit(corpus, cache):
+    """Stopped after 5 of 9 steps (past an epoch's end) and resumed: the same losses, weights,
+    optimizer tensors and evaluations as the uninterrupted run, and the loop's state recorded."""
+    name = cache["feature_cache"]
+    settings = dict(steps=9, grad_accum=2, batch_size=3, eval_every=2, **cache)
+    whole = run_args(corpus, f"whole-{name}", **settings)
     train(TrainConfig(**whole))
-    parts = run_args(corpus, "parts", steps=6, grad_accum=2, batch_size=3)
-    first = train(TrainConfig(**parts, stop_after=3))
-    assert first.step == 3 and latest_checkpoint(parts["out"]).name == "step-00000003"
+    parts = run_args(corpus, f"parts-{name}", **settings)
+    first = train(TrainConfig(**parts, stop_after=5))
+    assert first.step == 5 and latest_checkpoint(parts["out"]).name == "step-00000005"
     with pytest.raises(TrainerError, match="already holds a run"):
         train(TrainConfig(**parts))
     with pytest.raises(TrainerError, match="--lr"):
         train(TrainConfig(**{**parts, "lr": 1e-2}, resume=True))
     second = train(TrainConfig(**parts, resume=True))
-    assert second.step == 6
+    assert second.step == 9
 
-    assert losses(parts["out"]) == losses(whole["out"])  # the same floats, not just close
-    assert [s for s, _ in losses(parts["out"])] == [1, 2, 3, 4, 5, 6]
+    assert read_metrics(parts["out"]) != [] and losses(parts["out"]) == losses(whole["out"])  # the same floats
+    assert [s for s, _ in losses(parts["out"])] == list(range(1, 10))
+    val = [(r["step"], r["val_loss"]) for r in read_metrics(whole["out"]) if "val_loss" in r]
+    assert [s for s, _ in val] == [2, 4, 6, 8, 9]
+    assert [(r["step"], r["val_loss"]) for r in read_metrics(parts["out"]) if "val_loss" in r] == val
     a, b = weights(whole["out"]), weights(parts["out"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ckpt_a, ckpt_b = latest_checkpoint(whole["out"]), latest_checkpoint(parts["out"])
     oa, ob = load_file(str(ckpt_a / "optimizer.safetensors")), load_file(str(ckpt_b / "optimizer.safetensors"))
     assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
     state = json.loads((ckpt_b / "state.json").read_text())
-    assert state["step"] == 6 and isinstance(state["rng"]["torch"], list)
+    best_step, best = min(val, key=lambda sv: sv[1])
+    spe = read_run_config(parts["out"])["steps_per_epoch"]
+    assert spe < 5, "the stop must fall after an epoch's end"
+    assert (state["step"], state["epoch"], state["best_step"], state["best_val_loss"]) == (9, 9 // spe, best_step, best)
+    assert state["val_loss"] == val[-1][1] == second.val_loss and state["loss"] == losses(whole["out"])[-1][1]
+    assert isinstance(state["rng"]["torch"], list)
     assert (parts["out"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a finished run resumes to nothing
-    assert train(TrainConfig(**parts, resume=True)).step == 6
+    assert train(TrainConfig(**parts, resume=True)).step == 9
+
+
+def test_the_loop_state_is_saved_and_restored_whole(tmp_path):
+    """Every field of TrainState comes back from a checkpoint as it was saved (the RNG states
+    as they were at the save), and the step of the checkpoint counts as saved."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = TrainState(step=7, epoch=2, loss=0.25, val_loss=0.5, best_val_loss=0.375, best_step=4, saved_step=3)
+    ckpt = save_checkpoint(tmp_path, state, model, optimizer, keep=2)
+    expected_rng = torch.get_rng_state()
+    torch.rand(5)  # the RNG moves on after the save
+    other = torch.nn.Linear(3, 2)
+    back = load_checkpoint(ckpt, other, torch.optim.AdamW(other.parameters()), torch.device("cpu"))
+    assert back == TrainState(step=7, epoch=2, rng=state.rng, loss=0.25, val_loss=0.5, best_val_loss=0.375, best_step=4, saved_step=7)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
 
 
 def test_a_run_made_before_a_setting_existed_resumes_with_what_it_did(corpus):
@@ -128,7 +162,7 @@ def test_only_the_chosen_parts_get_gradients(corpus):
     batch = next(BatchStream(BatchDataset(examples.items, RamFeatures(store.path, examples.rows), loaded.tok.pad_id), plan).epoch(0))
     for parts in [("summary",), ("projector",), ("lm",), ("summary", "projector")]:
         model = VideoLM(loaded.model.cfg)
-        _set_trainable(model, parts)
+        set_trainable(model, parts)
         logits, _ = model(batch.input_ids, video=batch.video)
         token_loss_sum(logits, batch.labels).backward()
         for name, param in model.named_parameters():

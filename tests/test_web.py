@@ -39,7 +39,8 @@ def tiny(tmp_path_factory) -> dict:
     pytest.importorskip("open_clip")
     from manifests.demo_corpus import make_demo_corpus
     from pipeline.encoder import EncoderSpec, load_encoder
-    from trainer.train import TrainConfig, train
+    from trainer.config import TrainConfig
+    from trainer.train import train
 
     root = tmp_path_factory.mktemp("web")
     encoder = load_encoder(EncoderSpec("demo-tiny", "none", -1, "fp32")).attrs  # as the pipeline records it
@@ -96,7 +97,8 @@ def test_uploads_too_long_or_not_videos_are_refused_before_decoding(tiny, tmp_pa
 
 def test_compared_runs_answer_side_by_side_as_each_alone(tiny, tmp_path):
     from trainer.chat import ChatConfig, GenerationFlags, open_chat
-    from trainer.train import TrainConfig, train
+    from trainer.config import TrainConfig
+    from trainer.train import train
     from trainer.web import ServeConfig, WebChat
 
     other = tmp_path / "other"

@@ -172,7 +172,7 @@ def install_kill(moment: str, nth: int) -> None:
     def half(path: Path, text: str) -> None:
         Path(path).write_bytes(text.encode()[: len(text.encode()) // 2])
 
-    save_model, save_file, write_text = checkpoint.save_model, checkpoint.save_file, Path.write_text
+    save_model, save_file, write_text, write_bytes = checkpoint.save_model, checkpoint.save_file, Path.write_text, Path.write_bytes
     replace, rmtree, append = os.replace, shutil.rmtree, metrics.MetricsLog.append
 
     if moment == "model.safetensors written":
@@ -188,16 +188,21 @@ def install_kill(moment: str, nth: int) -> None:
                 os.truncate(filename, os.path.getsize(filename) // 2)
                 die()
         checkpoint.save_file = patched_save_file
-    elif moment in ("before state.json", "state.json half written", "config.json half written"):
-        target = "config.json.tmp" if moment.startswith("config") else "state.json"
-
+    elif moment in ("before state.json", "state.json half written"):
         def patched_write_text(self, data, *args, **kwargs):
-            if self.name == target and due():
+            if self.name == "state.json" and due():
                 if moment != "before state.json":
                     half(self, data)
                 die()
             return write_text(self, data, *args, **kwargs)
         Path.write_text = patched_write_text
+    elif moment == "config.json half written":  # its temporary (pipeline.atomic) half written
+        def patched_write_bytes(self, data, *args, **kwargs):
+            if self.name.startswith("config.json.") and self.name.endswith(".tmp") and due():
+                write_bytes(self, data[: len(data) // 2])
+                die()
+            return write_bytes(self, data, *args, **kwargs)
+        Path.write_bytes = patched_write_bytes
     elif moment == "renamed, old ones not yet deleted":
         def patched_replace(src, dst, *args, **kwargs):
             replace(src, dst, *args, **kwargs)

@@ -4,13 +4,19 @@ features, evaluates a run, and chats with it. Never decodes a video or loads CLI
 Modules, one idea each:
     tokenization  byte-level BPE, chat template, loss mask; the `tokenizer` command
     store         opening the Zarr feature store; its checks against the manifest and the run
-    data          tokenised samples, disk/ram/gpu feature sources, the batch plan (sampler), batches
-    loss          the token-weighted loss and the precision it runs in
-    checkpoint    safetensors weights + a pickle-free training state, atomic, last K kept
+    examples      tokenised samples of a split, and why others were left out
+    features      disk/ram/gpu feature sources: fetch(rows) -> (B, F, T, D)
+    batching      the batch plan (distributed sampler), padded batches, the batch stream
+    loss          the precision training and evaluation run in (the loss: model.loss)
+    config        TrainConfig, its checks, and the model config it gives
+    optim         trainable parts, AdamW groups, the learning-rate schedule
+    checkpoint    safetensors weights + the loop's TrainState (pickle-free), atomic, last K kept
     metrics       metrics.jsonl and loss.png
     distributed   torchrun ranks and collectives
-    run           the run directory and loading a trained model
-    train         the training loop; the `train` command
+    run           the run directory (config.json, tokenizer) and loading a trained model
+    resume        what --resume takes from a run, what it may change, whether the data changed
+    setup         building everything a run needs before its first step
+    train         the training loop (TrainState carried step to step); the `train` command
     evaluate      val loss, answer accuracy, accuracy by question type, ablations; `eval`
     chat          `chat` (store row or video file, multi-turn, streamed) and `describe`
 """
@@ -23,7 +29,8 @@ from trainer.chat import ChatConfig, DescribeConfig, chat, describe
 from trainer.errors import TrainerError
 from trainer.evaluate import EvalConfig, evaluate
 from trainer.tokenization import TokenizerConfig, tokenizer
-from trainer.train import TrainConfig, TrainResult, train
+from trainer.config import TrainConfig
+from trainer.train import TrainResult, train
 
 __all__ = [
     "ChatConfig",

@@ -2,7 +2,8 @@
 
 The video comes from the feature store (``store`` + ``row``: no decoding at all) or from a
 video file, which is decoded and encoded exactly as the run's store was made (encoder spec,
-frames, sampling, layer: `pipeline.extract.encode_video_file`, imported only here, only then).
+frames, sampling, layer) by `FileFeatures`: the store's encoder, loaded once per command
+(`pipeline.extract.FileEncoder`: decord and open_clip imported only then, Ray never).
 A conversation is multi-turn: each question is asked with the earlier questions and answers in
 the prompt, and the answer is streamed as it is generated.
 """
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from manifests.formats import VIDEO_MARKER
+from manifests.manifest import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from model import STOPPED, GenerationConfig, stream_generate
 from trainer.errors import TrainerError
 from trainer.loss import autocast
@@ -30,8 +33,7 @@ from trainer.store import check_same_signature, open_store
 log = logging.getLogger(__name__)
 
 DESCRIBE_QUESTION = "Describe the video."
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+VIDEO_PREFIX = f"{VIDEO_MARKER}\n"  # opens a conversation's first question, as in the manifest's normal form
 
 
 class VideoError(TrainerError):
@@ -76,25 +78,35 @@ def store_features(loaded: LoadedRun, store_path: str | Path, row: int) -> Tenso
     return torch.from_numpy(tokens[row])
 
 
-def file_features(loaded: LoadedRun, video: str | Path, store_attrs: dict[str, Any] | None = None) -> Tensor:
-    """(F, T, D) float16 features of a video file, encoded as the run's store was."""
-    video = Path(video).expanduser()
-    if not video.is_file():
-        raise TrainerError(f"no such video file: {video}")
-    attrs = store_attrs or loaded.config["store"].get("attrs") or loaded.store_signature
-    try:
+class FileFeatures:
+    """Video files encoded as the run's store was made (encoder, weights, frames, sampling, layer)
+    by the store's encoder, loaded here once: loading it takes seconds, so a command loads it once,
+    not once per file."""
+
+    def __init__(self, loaded: LoadedRun, store_attrs: dict[str, Any] | None = None) -> None:
+        attrs = store_attrs or loaded.config["store"].get("attrs") or loaded.store_signature
+        try:
+            from pipeline.errors import ExtractError
+            from pipeline.extract import FileEncoder  # decord + open_clip: never in training
+        except ImportError as err:
+            raise TrainerError(f"--video needs the extraction pipeline ({err}); use --store and --row") from err
+        try:
+            self.encoder = FileEncoder(attrs, loaded.device.type)
+        except ExtractError as err:
+            raise TrainerError(str(err)) from err
+        self.shape = (attrs["frames"], attrs["tokens_per_frame"], attrs["width"])
+
+    def __call__(self, video: Path) -> Tensor:
+        """(F, T, D) float16 features of one file; `VideoError` when it cannot be decoded."""
         from pipeline.errors import ExtractError
-        from pipeline.extract import encode_video_file  # decord + open_clip: never in training
-    except ImportError as err:
-        raise TrainerError(f"--video needs the extraction pipeline ({err}); use --store and --row") from err
-    try:
-        features = torch.from_numpy(encode_video_file(video, attrs, device=loaded.device.type))
-    except ExtractError as err:
-        raise VideoError(str(err)) from err
-    expected = (attrs["frames"], attrs["tokens_per_frame"], attrs["width"])
-    if tuple(features.shape) != expected:
-        raise TrainerError(f"{video}: encoded to {tuple(features.shape)}, the run expects {expected}")
-    return features
+
+        try:
+            features = torch.from_numpy(self.encoder.encode(video)[0])
+        except ExtractError as err:
+            raise VideoError(str(err)) from err
+        if tuple(features.shape) != self.shape:
+            raise TrainerError(f"{video}: encoded to {tuple(features.shape)}, the run expects {self.shape}")
+        return features
 
 
 # --- a conversation ------------------------------------------------------------------------------
@@ -115,7 +127,7 @@ class ChatSession:
         question = question.strip()
         if not question:
             raise TrainerError("empty question")
-        content = ("<video>\n" if self.video is not None and not self.history else "") + question
+        content = (VIDEO_PREFIX if self.video is not None and not self.history else "") + question
         turns = self.history + [{"role": "user", "content": content}]
         n_video = self.loaded.model.cfg.n_video_tokens if self.video is not None else 0
         tok = self.loaded.tok
@@ -164,6 +176,8 @@ def open_chat(cfg: ChatConfig) -> ChatSession:
         raise TrainerError("chat needs --video FILE, or --store STORE and --row N")
     if cfg.video is not None and cfg.row is not None:
         raise TrainerError("give --video or --row, not both")
+    if cfg.video is not None and not Path(cfg.video).expanduser().is_file():
+        raise TrainerError(f"no such video file: {cfg.video}")
     loaded = load_run(cfg.run, pick_device(cfg.device))
     gen = cfg.generation_config(loaded.tok.stop_ids)
     if cfg.video is not None:
@@ -172,7 +186,7 @@ def open_chat(cfg: ChatConfig) -> ChatSession:
             store = open_store(cfg.store)
             check_same_signature(loaded.store_signature, store, f"run {cfg.run}")
             attrs = store.attrs
-        video = file_features(loaded, cfg.video, attrs)
+        video = FileFeatures(loaded, attrs)(Path(cfg.video).expanduser())
     else:
         video = store_features(loaded, cfg.store, cfg.row)  # type: ignore[arg-type]
     return ChatSession(loaded, video, gen, cfg.seed)
@@ -247,10 +261,11 @@ def _describe(cfg: DescribeConfig, on_answer: Callable[[str, str], None] | None)
         raise TrainerError(f"{folder} holds no video files ({', '.join(cfg.extensions)})")
     loaded = load_run(cfg.run, pick_device(cfg.device))
     gen = cfg.generation_config(loaded.tok.stop_ids)
+    encode = FileFeatures(loaded)
     rows = []
     for path in files:
         try:
-            video = file_features(loaded, path)
+            video = encode(path)
         except VideoError as err:  # one bad video never stops the table
             answer = f"(could not read: {err})"
             log.warning("%s: %s", path.name, answer)

@@ -3,9 +3,10 @@
     RUN/checkpoints/step-00000120/
         model.safetensors       every weight of the VideoLM (a tied head stored once)
         optimizer.safetensors   the optimizer's per-parameter tensors, named "<param>/<key>"
-        state.json              step, epoch, optimizer hyper-parameters (by parameter name),
-                                RNG states (as lists of numbers), the metrics position, and the
-                                size and sha256 of the two safetensors files
+        state.json              the loop's `TrainState` (step, epoch, RNG states as lists of
+                                numbers, last and best losses), the optimizer's hyper-parameters
+                                (by parameter name), and the size and sha256 of the two
+                                safetensors files
 
 Writing: a checkpoint is written into ``.tmp-step-...``, fsynced and renamed, and an old one is
 renamed back to ``.tmp-...`` before it is deleted, so a kill at any moment leaves every
@@ -28,7 +29,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -157,27 +158,33 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: 
 
 
 @dataclass
-class TrainingState:
-    """The scalars of a checkpoint (state.json)."""
+class TrainState:
+    """Everything the loop carries from step to step beyond the weights and the optimizer's
+    tensors, saved in state.json and restored as a whole: with them, a resumed run computes what
+    the uninterrupted one would have, bit for bit."""
 
-    step: int  # optimizer steps done
-    epoch: int
-    extra: dict[str, Any]
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the data position is (epoch, step - epoch * steps_per_epoch): see BatchPlan
+    rng: dict[str, Any] = field(default_factory=dict)  # torch/python/numpy(/cuda) RNG states when saved
+    loss: float | None = None  # of the last step
+    val_loss: float | None = None  # of the last evaluation
+    best_val_loss: float | None = None
+    best_step: int | None = None  # where best_val_loss was measured
+    saved_step: int = -1  # the step of the last checkpoint written or resumed from
+
+    def record_val_loss(self, value: float) -> None:
+        self.val_loss = value
+        if self.best_val_loss is None or value < self.best_val_loss:
+            self.best_val_loss, self.best_step = value, self.step
 
 
-def save_checkpoint(
-    run: Path,
-    step: int,
-    epoch: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    keep: int,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write checkpoint ``step`` atomically and delete all but the last ``keep`` (module docstring)."""
+def save_checkpoint(run: Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int) -> Path:
+    """Write the checkpoint of ``state.step`` atomically (the RNG states taken now) and delete all
+    but the last ``keep`` (module docstring)."""
+    state.rng, state.saved_step = rng_state(), state.step
     root = checkpoint_dir(run)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
+    final = root / f"step-{state.step:08d}"
     tmp = root / f"{_LEFTOVER}{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -185,16 +192,13 @@ def save_checkpoint(
     save_model(model, str(tmp / "model.safetensors"))
     tensors, groups = optimizer_tensors(model, optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {
+    record = {
         "format_version": STATE_VERSION,
-        "step": step,
-        "epoch": epoch,
+        **asdict(state),
         "optimizer": {"type": type(optimizer).__name__, "param_groups": groups},
-        "rng": rng_state(),
-        "extra": extra or {},
         "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in WEIGHT_FILES},
     }
-    (tmp / "state.json").write_text(json.dumps(state) + "\n")
+    (tmp / "state.json").write_text(json.dumps(record) + "\n")
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
@@ -305,8 +309,8 @@ def _check_optimizer_tensors(file: Path, model: nn.Module, optimizer: torch.opti
             raise _damaged(file, f"{key} has shape {tuple(value.shape)}, the parameter {tuple(params[name].shape)}")
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainingState:
-    """Restore weights, optimizer and RNG states; returns the scalars. A damaged file is refused
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainState:
+    """Restore weights, optimizer and RNG states; returns the loop's state. A damaged file is refused
     with one line naming it (module docstring)."""
     state = read_state(ckpt)
     load_weights(model, ckpt, device, state)
@@ -322,4 +326,5 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         set_rng_state(state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise _damaged(Path(ckpt) / "state.json", f"its RNG states do not load ({type(err).__name__})") from err
-    return TrainingState(step=state["step"], epoch=state["epoch"], extra=state.get("extra", {}))
+    saved = {f.name: state[f.name] for f in fields(TrainState) if f.name in state}  # older checkpoints: step, epoch, rng
+    return TrainState(**{**saved, "saved_step": state["step"]})

@@ -6,22 +6,28 @@
 - ``accuracy``: the share of answers the model generates (greedy, every assistant turn, the
   earlier turns given as reference) that equal the reference after normalisation (lower case,
   punctuation and the articles a/an/the removed, whitespace collapsed);
-- with ``labels`` (a ``labels.json``: ``{video_id: {"colour": .., "shape": .., "direction": ..}}``):
-  ``by_type``, the accuracy per question type against the labels, with the chance level of a
-  uniform guess among that type's values beside it. A question's type is recognised from the
-  demo corpus's question sets; an answer is right when, of the type's values, it names exactly
-  the labelled one.
+- with ``labels`` (a ``labels.json``, below): ``by_type``, the accuracy per question type, with
+  the chance level of a uniform guess among that type's answers seen in the labels file beside it;
 - ``ablate``: ``zero-video`` replaces the video features by zeros, ``no-video`` drops the video
   placeholders from the prompts (a text-only model); both for the loss and the answers.
+
+A labels file names, for each video, its closed-form answer per question type and the question
+that asks it (the types and their answers are the corpus's own; nothing here knows them)::
+
+    {"v_abc": {"count": {"question": "How many people are there?", "answer": "two"},
+               "place": {"question": "Is it indoors or outdoors?", "answer": "outdoors"}},
+     "v_def": {...}}
+
+A generated answer to a question the manifest asks of that video (compared after normalisation)
+counts for the type; it is right when, of all the answers the type has in the file, it names
+exactly the labelled one (whole words, after normalisation). Questions no label names are left out.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import string
-from collections import defaultdict
 from collections.abc import Sequence
 import dataclasses
 from dataclasses import dataclass
@@ -31,18 +37,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from manifests.formats import clean_text
 from model import GenerationConfig, generate
-from trainer.data import Example, Features, build_examples, make_batch, make_features
+from trainer.batching import make_batch
+from trainer.examples import Example, build_examples
+from trainer.features import Features, make_features
 from trainer.errors import TrainerError
 from trainer.loss import autocast, token_loss_sum
 from trainer.store import check_same_signature, open_store
 
-log = logging.getLogger(__name__)
-
 ABLATIONS = ("zero-video", "no-video")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
-_MARKER = re.compile(r"\s*<(?:video|image)>\s*")
 
 
 def normalise(text: str) -> str:
@@ -82,43 +88,46 @@ def _video(video: torch.Tensor, ablate: str | None) -> torch.Tensor | None:
     return video
 
 
-# --- question types against labels.json ----------------------------------------------------------
+# --- question types from labels.json ------------------------------------------------------------
 
-LABEL_KEYS = {"colour": "colour", "shape": "shape", "direction": "direction"}
-
-
-_TYPE_WORDS = {"colour": ("colour", "color"), "shape": ("shape",), "direction": ("direction", "going", "move", "moving")}
+LABELS_FORMAT = '{video_id: {type: {"question": ..., "answer": ...}}}'
 
 
-def question_types() -> dict[str, str]:
-    """Normalised question text -> its type, from the demo corpus's question sets."""
-    from manifests.demo_corpus import COLOUR_QUESTIONS, DIRECTION_QUESTIONS, SHAPE_QUESTIONS
+@dataclass(frozen=True)
+class Labels:
+    """A labels file, read: what each (video, question) asks, and each type's answers."""
 
-    sets = {"colour": COLOUR_QUESTIONS, "shape": SHAPE_QUESTIONS, "direction": DIRECTION_QUESTIONS}
-    return {normalise(q): kind for kind, questions in sets.items() for q in questions}
-
-
-def question_type(question: str, known: dict[str, str] | None) -> str | None:
-    """The demo corpus's type of a question; without its question sets (the module needs PyAV),
-    the first type whose keyword the question holds (colour before shape before direction)."""
-    text = normalise(question)
-    if known is not None:
-        return known.get(text)
-    words = set(text.split())
-    return next((kind for kind, keys in _TYPE_WORDS.items() if words & set(keys)), None)
+    asked: dict[tuple[str, str], tuple[str, str]]  # (video_id, normalised question) -> (type, answer)
+    values: dict[str, list[str]]  # type -> its answers in the file, sorted; types in file order
 
 
-def read_labels(path: str | Path) -> dict[str, dict[str, Any]]:
+def read_labels(path: str | Path) -> Labels:
+    """The labels file at ``path`` (format in the module docstring); one-line errors otherwise."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise TrainerError(f"no such labels file: {path}")
     try:
-        labels = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise TrainerError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from err
-    if not isinstance(labels, dict):
-        raise TrainerError(f"{path}: expected {{video_id: {{colour, shape, direction, ...}}}}")
-    return labels
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrainerError(f"{path}: not UTF-8 JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise TrainerError(f"{path}: expected {LABELS_FORMAT}")
+    asked: dict[tuple[str, str], tuple[str, str]] = {}
+    values: dict[str, set[str]] = {}
+    for video_id, types in data.items():
+        if not isinstance(types, dict):
+            raise TrainerError(f"{path}: video {video_id} holds {json.dumps(types)[:60]}; expected {LABELS_FORMAT}")
+        for kind, entry in types.items():
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) and entry[k].strip()
+                                                    for k in ("question", "answer"))):
+                raise TrainerError(f"{path}: video {video_id}, type {kind} holds {json.dumps(entry)[:60]}; "
+                                   f"expected {LABELS_FORMAT}")
+            key = (video_id, normalise(entry["question"]))
+            if key in asked:
+                raise TrainerError(f"{path}: video {video_id} names {entry['question']!r} for two types")
+            asked[key] = (kind, entry["answer"])
+            values.setdefault(kind, set()).add(entry["answer"])
+    return Labels(asked, {kind: sorted(answers) for kind, answers in values.items()})
 
 
 def label_correct(answer: str, label: str, values: Sequence[str]) -> bool:
@@ -203,7 +212,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             if message["role"] == "assistant" and turn > 0:
                 history = conversation[:turn]
                 prompt = tok.encode_prompt(history, n_video, loaded.system)
-                question = _MARKER.sub(" ", history[-1]["content"]).strip()
+                question = clean_text(history[-1]["content"])
                 questions.append(Question(index, video_id, example.row, question, message["content"], prompt))
     answers = _answer_all(model, tok, questions, features, cfg, device)
 
@@ -245,34 +254,24 @@ def _answer_all(model: Any, tok: Any, questions: Sequence[Question], features: F
     return answers
 
 
-def _by_type(questions: Sequence[Question], answers: Sequence[str], labels: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    try:
-        types: dict[str, str] | None = question_types()
-    except ImportError:  # manifests.demo_corpus imports PyAV at module level
-        log.warning("demo corpus question sets unavailable; recognising question types by keyword")
-        types = None
-    values: dict[str, list[str]] = {
-        kind: sorted({str(v[key]) for v in labels.values() if isinstance(v, dict) and key in v})
-        for kind, key in LABEL_KEYS.items()
-    }
-    hits: dict[str, list[bool]] = defaultdict(list)
+def _by_type(questions: Sequence[Question], answers: Sequence[str], labels: Labels) -> dict[str, dict[str, Any]]:
+    hits: dict[str, list[bool]] = {kind: [] for kind in labels.values}
     for q, answer in zip(questions, answers):
-        kind = question_type(q.question, types)
-        label = labels.get(q.video_id, {}).get(LABEL_KEYS.get(kind, ""))
-        if kind is None or label is None:
-            continue
-        hits[kind].append(label_correct(answer, str(label), values[kind]))
+        found = labels.asked.get((q.video_id, normalise(q.question)))
+        if found is not None:
+            kind, label = found
+            hits[kind].append(label_correct(answer, label, labels.values[kind]))
     return {
         kind: {
-            "accuracy": sum(hits[kind]) / len(hits[kind]) if hits[kind] else None,
-            "chance": 1 / len(values[kind]) if values[kind] else None,
-            "n": len(hits[kind]),
+            "accuracy": sum(right) / len(right) if right else None,
+            "chance": 1 / len(labels.values[kind]),
+            "n": len(right),
         }
-        for kind in LABEL_KEYS
+        for kind, right in hits.items()
     }
 
 
-# --- the comparison table of the demo ------------------------------------------------------------
+# --- the comparison table ------------------------------------------------------------------------
 
 
 def accuracy_table(cfg: EvalConfig, compare: Sequence[Path] = ()) -> str:
@@ -291,6 +290,10 @@ def accuracy_table(cfg: EvalConfig, compare: Sequence[Path] = ()) -> str:
     lines = ["| question type | n | chance | " + " | ".join(columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
     for qtype, stats in first.items():
-        cells = [f"{columns[c][qtype]['accuracy']:.0%}" for c in columns]
+        cells = [_percent(columns[c][qtype]["accuracy"]) for c in columns]
         lines.append(f"| {qtype} | {stats['n']} | {stats['chance']:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"

@@ -7,6 +7,8 @@
     RUN/checkpoints/     see `trainer.checkpoint`
     RUN/metrics.jsonl    see `trainer.metrics`
     RUN/loss.png
+
+What `--resume` takes from RUN/config.json and may change is `trainer.resume`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from model import VideoLM, VideoLMConfig
+from pipeline.atomic import write_atomic
 from trainer.checkpoint import load_weights, read_state, require_checkpoint
 from trainer.errors import TrainerError
 from trainer.tokenization import ChatTokenizer
@@ -55,10 +57,7 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
 
 
 def write_run_config(run: Path, config: dict[str, Any]) -> None:
-    path = config_path(run)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format_version": RUN_FORMAT_VERSION, **config}, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(config_path(run), json.dumps({"format_version": RUN_FORMAT_VERSION, **config}, indent=2, default=str) + "\n")
 
 
 def run_tokenizer(run: Path, config: dict[str, Any]) -> ChatTokenizer:

@@ -30,13 +30,16 @@ never turns into special tokens (``<|im_end|>`` typed by a user is plain text).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model.loss import IGNORE
+from pipeline.atomic import atomic_path
+from manifests.formats import MARKER_PATTERN
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,6 @@ IM_END = "<|im_end|>"
 VIDEO_TOKEN = "<|video|>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, VIDEO_TOKEN)  # ids 0..3 of a trained tokenizer
 DEFAULT_VOCAB_SIZE = 6400  # MiniMind's
-IGNORE = -100  # label of a position without loss
-_MARKER = re.compile(r"\s*<(?:video|image)>\s*")
 ROLES = ("system", "user", "assistant")
 
 Conversation = Sequence[dict[str, str]]
@@ -57,7 +58,7 @@ Conversation = Sequence[dict[str, str]]
 def conversation_texts(conversation: Conversation) -> Iterator[str]:
     """The plain text of every turn, video markers removed (what the BPE is trained on)."""
     for turn in conversation:
-        yield _MARKER.sub(" ", turn["content"]).strip()
+        yield MARKER_PATTERN.sub(" ", turn["content"]).strip()
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
@@ -143,9 +144,8 @@ class ChatTokenizer:
         """Write ``tokenizer.json`` (with the video token if it was added) into directory ``path``."""
         out = Path(path) / "tokenizer.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        self.tok.save(str(tmp))
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            self.tok.save(str(tmp))
         return out
 
     @property
@@ -173,13 +173,13 @@ class ChatTokenizer:
         if system:
             yield "system", self.encode_text(system)
         users = [i for i, t in enumerate(conversation) if t["role"] == "user"]
-        marked = [i for i in users if _MARKER.search(conversation[i]["content"])]
+        marked = [i for i in users if MARKER_PATTERN.search(conversation[i]["content"])]
         video_turn = (marked or users or [None])[0] if n_video_tokens else None
         for i, turn in enumerate(conversation):
             role = turn["role"]
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-            content = self.encode_text(_MARKER.sub(" ", turn["content"]).strip())
+            content = self.encode_text(MARKER_PATTERN.sub(" ", turn["content"]).strip())
             if i == video_turn:
                 content = [self.video_id] * n_video_tokens + self._newline + content
             yield role, content
@@ -220,11 +220,9 @@ class TokenizerConfig:
     vocab_size: int = DEFAULT_VOCAB_SIZE
 
 
-def training_texts(manifest_dir: str | Path) -> Iterator[str]:
-    """Every turn's text of the manifest's training-split samples."""
-    from manifests.manifest import load_manifest
-
-    manifest = load_manifest(manifest_dir)
+def training_texts(manifest: Any) -> Iterator[str]:
+    """Every turn's text of the (loaded) manifest's training-split samples: what a tokenizer
+    trained here learns from."""
     train_ids = {v.video_id for v in manifest.videos if v.split == "train"}
     for sample in manifest.samples():
         if sample.video_id in train_ids:
@@ -234,7 +232,9 @@ def training_texts(manifest_dir: str | Path) -> Iterator[str]:
 def tokenizer(cfg: TokenizerConfig) -> Path:
     """Train the byte-level BPE (the one `train` makes when it is given no tokenizer) and save
     it as ``cfg.out/tokenizer.json``; returns that path."""
-    tok = ChatTokenizer(train_bpe(training_texts(cfg.manifest), cfg.vocab_size))
+    from manifests.manifest import load_manifest
+
+    tok = ChatTokenizer(train_bpe(training_texts(load_manifest(cfg.manifest)), cfg.vocab_size))
     path = tok.save(cfg.out)
     log.info("tokenizer: %d tokens -> %s", tok.vocab_size, path)
     return path

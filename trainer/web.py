@@ -41,15 +41,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainer.chat import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ChatSession, GenerationFlags, store_features
+from manifests.formats import clean_text
+from manifests.manifest import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from trainer.chat import VIDEO_PREFIX, ChatSession, GenerationFlags, store_features
 from trainer.errors import TrainerError
 from trainer.evaluate import normalise
 from trainer.run import LoadedRun, load_run, pick_device
 from trainer.store import StoreInfo, check_same_signature, check_store_matches_manifest, open_store
 
 log = logging.getLogger(__name__)
-
-MARKER = "<video>\n"  # how ChatSession starts a conversation's first question about a video
 
 
 @dataclass(kw_only=True)
@@ -94,7 +94,7 @@ def reference_answer(references: list[list[dict[str, str]]], question: str) -> s
     for conversation in references:
         for turn, reply in zip(conversation, conversation[1:]):
             if turn["role"] == "user" and reply["role"] == "assistant" \
-                    and normalise(turn["content"].replace("<video>", "")) == wanted:
+                    and normalise(clean_text(turn["content"])) == wanted:
                 return reply["content"]
     return None
 
@@ -220,7 +220,7 @@ class WebChat:
 def messages(session: ChatSession, pending: tuple[str, str] | None = None) -> list[dict[str, str]]:
     """A run's conversation in Gradio's messages format (the video marker left out), with the
     question being answered and its answer so far."""
-    turns = [{"role": t["role"], "content": t["content"].removeprefix(MARKER)} for t in session.history]
+    turns = [{"role": t["role"], "content": t["content"].removeprefix(VIDEO_PREFIX)} for t in session.history]
     if pending is not None:
         turns += [{"role": "user", "content": pending[0]}, {"role": "assistant", "content": pending[1]}]
     return turns
@@ -254,7 +254,7 @@ def build_page(chat: WebChat) -> Any:
 
     def chosen(video: Video) -> tuple:
         conv = chat.conversation(video)
-        refs = "\n".join(f"- {' / '.join(t['content'].removeprefix(MARKER) for t in c)}" for c in video.references)
+        refs = "\n".join(f"- {' / '.join(t['content'].removeprefix(VIDEO_PREFIX) for t in c)}" for c in video.references)
         reference = f"**Reference conversations (manifest)**\n\n{refs}" if refs else ""
         return (conv, video.sheet, f"Video: **{video.label}**. Ask a question.", reference, "",
                 *[[] for _ in range(n)])
@@ -323,7 +323,7 @@ def build_page(chat: WebChat) -> Any:
                                for i, name in enumerate(chat.run_names)]
                 ref_answer = gr.Textbox(label="Reference answer (manifest)", interactive=False,
                                         elem_id="reference-answer")
-                question = gr.Textbox(label="Question", placeholder="What colour is the moving object?",
+                question = gr.Textbox(label="Question", placeholder="Ask about the video",
                                       elem_id="question")
                 with gr.Row():
                     ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
