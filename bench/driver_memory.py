@@ -49,7 +49,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -57,7 +56,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the hidden subcommand imports the project without an install
 
-from report import emit  # bench/report.py (bench/ is on sys.path when run as a script)  # noqa: E402
+from report import emit, print_rows  # bench/report.py (bench/ is on sys.path when run as a script)  # noqa: E402
+from runner import work_dir  # noqa: E402
 
 ENCODER = "demo-tiny"
 FRAMES = 1
@@ -306,13 +306,11 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print("| rows | shards | peak RSS (VmHWM) MiB | ru_maxrss MiB | RSS after shard loop MiB | extract s "
-          "| process s | rows/s | complete |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in result["runs"]:
-        print(f"| {r['rows']} | {r['shards']} | {r['peak_rss_mib']:.1f} | {r['ru_maxrss_kib'] / 1024:.1f} "
-              f"| {r['rss_after_loop_kib'] / 1024:.1f} | {r['extract_s']:.1f} | {r['process_s']:.1f} "
-              f"| {r['rows_per_s']:.0f} | {'yes' if r['complete'] else 'NO'} |")
+    print_rows(["rows", "shards", "peak RSS (VmHWM) MiB", "ru_maxrss MiB", "RSS after shard loop MiB", "extract s",
+                "process s", "rows/s", "complete"],
+               [[str(r["rows"]), str(r["shards"]), f"{r['peak_rss_mib']:.1f}", f"{r['ru_maxrss_kib'] / 1024:.1f}",
+                 f"{r['rss_after_loop_kib'] / 1024:.1f}", f"{r['extract_s']:.1f}", f"{r['process_s']:.1f}",
+                 f"{r['rows_per_s']:.0f}", "yes" if r["complete"] else "NO"] for r in result["runs"]])
     print(f"\npeak RSS ratio (largest / smallest): {result['peak_ratio']:.3f} (bar <= {BAR:g}: "
           f"{'PASS' if result['pass'] else 'FAIL'}); RSS after the shard loop, ratio {result['after_loop_ratio']:.3f}")
     print(f"{ENCODER} (random weights), F={FRAMES}, shard size {SHARD_SIZE}, {result['input']}; "
@@ -329,17 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return driver_main(argv[1:])
     args = parse_args(argv)
     started = time.perf_counter()
-    tmpdir = None
-    if args.work is None:
-        tmpdir = tempfile.TemporaryDirectory(prefix="vidcache-bench-driver-memory-")
-        work = Path(tmpdir.name)
-    else:
-        work = args.work.expanduser().resolve()
-    try:
+    with work_dir(args.work, "vidcache-bench-driver-memory-") as work:
         result = measure(args, work, started)
-    finally:
-        if tmpdir is not None:
-            tmpdir.cleanup()
     emit(result, args.json, print_table)
     return 0
 

@@ -4,16 +4,18 @@
 Corpus (generated once into --work, reused): N H.264 videos as web encoders make them (libx264
 veryfast, 3 B-frames, a keyframe every 250 frames, no scene-cut keyframes), lengths cycling
 30, 60, 90, 120, 150, 180 s (ActivityNet averages about 2 minutes), 640x360 at 25 fps and
-1280x720 at 30 fps alternately, with moving content (bench/extract_speed.py's generator).
+1280x720 at 30 fps alternately, with moving content (bench/corpus.py).
 Same tower for every row (`demo-tiny`, random weights, fp32: the data path dominates, as it does
-on a GPU node), same F=8. Every row is one subprocess timed from outside, start to exit:
+on a GPU node; `--encoder ViT-B-16` for the full-size tower), same F=8. Every row is one
+subprocess timed from outside, start to exit (the rows that are not the project's CLI are
+hidden subcommands of bench/extraction_rows.py):
 
-1. cinego: Cinego's way, re-implemented (`_cinego` below): PyAV decodes every frame of the video
+1. cinego: Cinego's way, re-implemented (`_cinego`): PyAV decodes every frame of the video
    into a PIL image, F are picked (the job's uniform indices), each is PIL-resized (short side,
    bicubic), centre-cropped and normalised, encoded, and saved as one float32 `.npy` per video;
    one video at a time. Only the picked images are kept (Cinego keeps the list of all: 15 GB
    for three minutes of 720p); the decoding and conversion of every frame, the cost, is the same.
-2. vchatgpt: Video-ChatGPT's way (`extract_speed.py _serial`): decord at full resolution,
+2. vchatgpt: Video-ChatGPT's way (`_serial`): decord at full resolution,
    `get_batch` of the job's F indices, PIL resize + crop, one pickle per video, one at a time;
    2b. the same with Video-ChatGPT's own `np.linspace(0, n-1, F)` indices (their first frame is a
    free keyframe: which frames are sampled changes the decode cost; the fair ratio is row 2's);
@@ -21,7 +23,7 @@ on a GPU node), same F=8. Every row is one subprocess timed from outside, start 
    store, commit records);
 4. job keyframe: the same with `--sampling keyframe`;
 5. decode only: the project's decoder over every video, one process per core, nothing else
-   (`extract_speed.py _decode_only`);
+   (`_decode_only`);
 6. encode only: the job's encoder (one `BatchingEncoder`, torch threads = cores) over N x F
    frames already in memory (`_encode_only`), model loading included.
 The job's limit is the slower of 5 and 6. Reported: seconds, videos/s and frames/s per row
@@ -35,12 +37,14 @@ As the work grows (`--scaling`): one 640x360 25 fps video per length (15 s, 1, 4
 a manifest of that video alone and with copies (hard links), and the difference is the copies'
 cost with the start-up (imports, model loading) taken out: Cinego's way runs on 1 and 2 copies,
 the job on 1 and 9 (its cost per video is small next to the start-up), divided by the copies
-added; the median over --repeats such differences. Plotted with the driver's peak memory against corpus size, from bench/driver_memory.py's
-JSON (`--driver-memory`), into `bench/results/extract_scaling.png`.
+added; the median over --repeats such differences. Plotted with the driver's peak memory
+against corpus size, from bench/driver_memory.py's JSON (`--driver-memory`), into
+`bench/results/extract_scaling.png`.
 
 Reproduce:
 
-    .venv/bin/python bench/extract.py --work /tmp/vidcache-bench-extract2 --json bench/results/extract_cpu.json
+    .venv/bin/python bench/extract.py --work /tmp/vidcache-bench-extract2 \
+        --json bench/results/extract_cpu.json
     .venv/bin/python bench/extract.py --work /tmp/vidcache-bench-extract2 --scaling \
         --json bench/results/extract_scaling.json
 
@@ -52,25 +56,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
-from extract_speed import (ENCODER, FRAMES, BenchError, check, clip_preprocess, encoder_image_size, log,  # noqa: E402
-                           make_video, run, store_status, write_instructions)
-from report import emit, print_checks  # noqa: E402
+from corpus import ENCODER, FRAMES, encoder_image_size, generate_videos, write_instructions  # noqa: E402
+from report import check, print_checks  # noqa: E402
+from runner import bench_main, log, run, store_status  # noqa: E402
 
+ROWS_SCRIPT = str(HERE / "extraction_rows.py")
 LENGTHS = (30, 60, 90, 120, 150, 180)
 QUICK_LENGTHS = (10, 20, 30)
 SIZES = ((640, 360, 25), (1280, 720, 30))
@@ -92,6 +91,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="interleaved runs per row (default 2; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="12 videos of 10-30 s, one repeat")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON result here")
+    p.add_argument("--encoder", default=ENCODER,
+                   help=f"the open_clip tower of every row, random weights (default {ENCODER}; ViT-B-16 for the "
+                        "full-size tower, on a few videos)")
     p.add_argument("--scaling", action="store_true", help="seconds per video against video length (module docstring)")
     p.add_argument("--lengths", default="15,60,240,900", help="--scaling's video lengths in seconds")
     p.add_argument("--driver-memory", type=Path, default=HERE / "results" / "driver_memory_cpu.json",
@@ -113,15 +115,8 @@ def corpus_plan(n: int, quick: bool) -> list[tuple[str, float, int, int, int]]:
 def ensure_corpus(work: Path, plan: list[tuple]) -> tuple[Path, float]:
     folder = work / "videos_mixed"
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(folder / f"{vid}.mp4", seconds, i, w, h, fps) for i, (vid, seconds, w, h, fps) in enumerate(plan)
-            if not (folder / f"{vid}.mp4").exists()]
-    started = time.perf_counter()
-    if jobs:
-        log(f"generating {len(jobs)} videos into {folder}")
-        with ProcessPoolExecutor(len(os.sched_getaffinity(0)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            for done, future in enumerate(as_completed([pool.submit(make_video, job) for job in jobs]), 1):
-                log(f"  {done}/{len(jobs)} ({future.result() / 1e6:.1f} MB)")
-    return folder, time.perf_counter() - started
+    return folder, generate_videos([(folder / f"{vid}.mp4", seconds, i, w, h, fps)
+                                    for i, (vid, seconds, w, h, fps) in enumerate(plan)])
 
 
 def store_bytes(store: Path) -> int:
@@ -135,7 +130,7 @@ def measure(args: argparse.Namespace) -> dict:
     work = args.work.expanduser().resolve()
     plan = corpus_plan(args.videos, args.quick)
     videos, generation_s = ensure_corpus(work, plan)
-    run_dir = work / f"run_{args.videos}{'_quick' if args.quick else ''}"
+    run_dir = work / f"run_{args.videos}{'_quick' if args.quick else ''}_{args.encoder}"
     shutil.rmtree(run_dir, ignore_errors=True)
     logs = run_dir / "logs"
     logs.mkdir(parents=True)
@@ -145,22 +140,23 @@ def measure(args: argparse.Namespace) -> dict:
     manifest = run_dir / "manifest"
     run([py, "run_extract.py", "manifest", "--instructions", str(instructions), "--videos", str(videos),
          "--out", str(manifest), "--shard-size", "64"], logs, "manifest")
-    image_size = encoder_image_size()
+    image_size = encoder_image_size(args.encoder)
+    tower = ["--encoder", args.encoder]
     outs = {"cinego": run_dir / "cinego_out", "vchatgpt": run_dir / "vchatgpt_out",
             "vchatgpt_linspace": run_dir / "vchatgpt_linspace_out", "job": run_dir / "job.zarr",
             "job_keyframe": run_dir / "job_keyframe.zarr"}
-    speed = str(HERE / "extract_speed.py")
-    extract = [py, "run_extract.py", "extract", "--manifest", str(manifest), "--encoder", ENCODER,
-               "--pretrained", "none", "--frames", str(FRAMES)]
+    extract = [py, "run_extract.py", "extract", "--manifest", str(manifest), *tower, "--pretrained", "none",
+               "--frames", str(FRAMES)]
     commands = {
-        "cinego": [py, __file__, "_cinego", "--manifest", str(manifest), "--out", str(outs["cinego"])],
-        "vchatgpt": [py, speed, "_serial", "--manifest", str(manifest), "--out", str(outs["vchatgpt"])],
-        "vchatgpt_linspace": [py, speed, "_serial", "--manifest", str(manifest), "--out",
-                              str(outs["vchatgpt_linspace"]), "--indices", "linspace"],
+        "cinego": [py, ROWS_SCRIPT, "_cinego", "--manifest", str(manifest), "--out", str(outs["cinego"]), *tower],
+        "vchatgpt": [py, ROWS_SCRIPT, "_serial", "--manifest", str(manifest), "--out", str(outs["vchatgpt"]), *tower],
+        "vchatgpt_linspace": [py, ROWS_SCRIPT, "_serial", "--manifest", str(manifest), "--out",
+                              str(outs["vchatgpt_linspace"]), "--indices", "linspace", *tower],
         "job": [*extract, "--store", str(outs["job"])],
         "job_keyframe": [*extract, "--store", str(outs["job_keyframe"]), "--sampling", "keyframe"],
-        "decode_only": [py, speed, "_decode_only", "--manifest", str(manifest), "--image-size", str(image_size)],
-        "encode_only": [py, __file__, "_encode_only", "--images", str(n * FRAMES), "--image-size", str(image_size)],
+        "decode_only": [py, ROWS_SCRIPT, "_decode_only", "--manifest", str(manifest), "--image-size", str(image_size)],
+        "encode_only": [py, ROWS_SCRIPT, "_encode_only", "--images", str(n * FRAMES), "--image-size", str(image_size),
+                        *tower],
     }
     samples: dict[str, list[float]] = {key: [] for key in ROWS}
     statuses = []
@@ -196,7 +192,7 @@ def measure(args: argparse.Namespace) -> dict:
         "videos": n,
         "plan": [{"video_id": v, "seconds": s, "size": f"{w}x{h}", "fps": f} for v, s, w, h, f in plan],
         "video_hours": round(sum(s for _, s, *_ in plan) / 3600, 3),
-        "encoder": ENCODER, "frames": FRAMES, "image_size": image_size, "cpus": len(os.sched_getaffinity(0)),
+        "encoder": args.encoder, "frames": FRAMES, "image_size": image_size, "cpus": len(os.sched_getaffinity(0)),
         "repeats": args.repeats,
         "rows": {key: {"label": label, "median_s": round(median[key], 2), "samples_s": [round(v, 2) for v in samples[key]],
                        "videos_per_s": round(n / median[key], 3), "frames_per_s": round(total_frames / median[key], 1),
@@ -222,11 +218,8 @@ def measure_scaling(args: argparse.Namespace) -> dict:
     lengths = [float(x) for x in args.lengths.split(",") if x.strip()]
     folder = work / "videos_scaling"
     folder.mkdir(parents=True, exist_ok=True)
-    for i, seconds in enumerate(lengths):
-        path = folder / f"v_len{int(seconds):05d}.mp4"
-        if not path.exists():
-            log(f"generating {path.name}")
-            make_video((path, seconds, 1000 + i, 640, 360, 25))
+    generate_videos([(folder / f"v_len{int(seconds):05d}.mp4", seconds, 1000 + i, 640, 360, 25)
+                     for i, seconds in enumerate(lengths)])
     py = sys.executable
     run_dir = work / "run_scaling"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -250,7 +243,8 @@ def measure_scaling(args: argparse.Namespace) -> dict:
         for key in SCALING_ROWS:
             differences = []
             for repeat in range(args.repeats):
-                timed = [_timed_scaling_run(key, manifests[copies], run_dir, logs, f"{key}_{int(seconds)}_{copies}_{repeat}")
+                timed = [_timed_scaling_run(key, args.encoder, manifests[copies], run_dir, logs,
+                                            f"{key}_{int(seconds)}_{copies}_{repeat}")
                          for copies in (1, 1 + EXTRA_COPIES[key])]
                 differences.append(max(timed[1] - timed[0], 0.0) / EXTRA_COPIES[key])
             points[key].append(round(statistics.median(differences), 3))
@@ -260,14 +254,15 @@ def measure_scaling(args: argparse.Namespace) -> dict:
     plot_scaling(lengths, points, memory, args.plot)
     return {"benchmark": "extract_scaling", "lengths_s": lengths, "seconds_per_video": points,
             "driver_peak_mib_by_rows": memory, "driver_memory_source": str(args.driver_memory),
-            "plot": str(args.plot), "encoder": ENCODER, "frames": FRAMES, "video": "640x360, 25 fps, GOP 250"}
+            "plot": str(args.plot), "encoder": args.encoder, "frames": FRAMES, "video": "640x360, 25 fps, GOP 250"}
 
 
-def _timed_scaling_run(key: str, manifest: Path, run_dir: Path, logs: Path, tag: str) -> float:
+def _timed_scaling_run(key: str, encoder: str, manifest: Path, run_dir: Path, logs: Path, tag: str) -> float:
     py = sys.executable
-    extract = [py, "run_extract.py", "extract", "--manifest", str(manifest), "--encoder", ENCODER,
+    extract = [py, "run_extract.py", "extract", "--manifest", str(manifest), "--encoder", encoder,
                "--pretrained", "none", "--frames", str(FRAMES), "--store", str(run_dir / f"{tag}.zarr")]
-    command = {"cinego": [py, __file__, "_cinego", "--manifest", str(manifest), "--out", str(run_dir / tag)],
+    command = {"cinego": [py, ROWS_SCRIPT, "_cinego", "--manifest", str(manifest), "--out", str(run_dir / tag),
+                          "--encoder", encoder],
                "job": extract, "job_keyframe": [*extract, "--sampling", "keyframe"]}[key]
     return run(command, logs, tag)[0]
 
@@ -321,71 +316,10 @@ def print_table(result: dict) -> None:
           f"float16 {result['raw_float16_bytes_per_video']}")
 
 
-# --- hidden subcommands: the rows that are not the project's CLI ---------------------------------
-
-def cinego_main(argv: list[str]) -> int:
-    """Row 1 (module docstring): every frame decoded to PIL, F picked, PIL preprocessing, .npy."""
-    p = argparse.ArgumentParser(prog="extract.py _cinego")
-    p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    import av
-
-    from manifests.manifest import load_manifest
-    from pipeline.encoder import EncoderSpec, load_encoder
-    from pipeline.sampling import uniform_indices
-
-    encoder = load_encoder(EncoderSpec(ENCODER, "none", -1, "fp32"))
-    manifest = load_manifest(args.manifest)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for entry in manifest.videos:
-        with av.open(str(manifest.abs_path(entry))) as container:
-            wanted = set(uniform_indices(container.streams.video[0].frames, FRAMES))
-            picked = []
-            for i, frame in enumerate(container.decode(video=0)):
-                image = frame.to_image()  # every frame to PIL, as Cinego; only the picked ones kept
-                if i in wanted:
-                    picked.append(image)
-        frames = np.stack([clip_preprocess(np.asarray(image), encoder.image_size) for image in picked])
-        np.save(args.out / f"{entry.video_id}.npy", encoder.encode(frames).astype(np.float32))
-    return 0
-
-
-def encode_only_main(argv: list[str]) -> int:
-    """Row 6: the job's CPU encoder over frames already in memory (the content does not change
-    the cost), batched as the job batches them."""
-    p = argparse.ArgumentParser(prog="extract.py _encode_only")
-    p.add_argument("--images", type=int, required=True)
-    p.add_argument("--image-size", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=256)
-    args = p.parse_args(argv)
-    import torch
-
-    from pipeline.encoder import BatchingEncoder, EncoderSpec, load_encoder
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    encoder = BatchingEncoder(load_encoder(EncoderSpec(ENCODER, "none", -1, "fp32")), args.batch_size)
-    frames = np.random.default_rng(0).integers(0, 256, (FRAMES, args.image_size, args.image_size, 3), dtype=np.uint8)
-    futures = [encoder.submit([frames]) for _ in range(args.images // FRAMES)]
-    for future in futures:
-        future.result()
-    encoder.close()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    hidden = {"_cinego": cinego_main, "_encode_only": encode_only_main}
-    if argv and argv[0] in hidden:
-        return hidden[argv[0]](argv[1:])
-    args = parse_args(argv)
-    try:
-        result = measure_scaling(args) if args.scaling else measure(args)
-    except BenchError as err:
-        log(f"error: {err}")
-        return 1
-    emit(result, args.json, print_scaling if args.scaling else print_table)
-    return 0
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return bench_main(lambda: measure_scaling(args) if args.scaling else measure(args), args.json,
+                      print_scaling if args.scaling else print_table)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ writing included. All rows read the same corpus and the same manifest rows, enco
 project's tiny tower `demo-tiny` (seeded random weights, `--pretrained none`, fp32) and sample
 F=8 frames per video uniformly (`pipeline.sampling.uniform_indices`):
 
-1. serial (Video-ChatGPT style): a plain script (`_serial` below), one process, one video at a
-   time, as Video-ChatGPT's feature script does it: decord `VideoReader` at full resolution
-   (decord's default threads), `get_batch` of the same 8 indices the job decodes, each frame
-   resized with PIL bicubic so its short side is the encoder's input size and centre-cropped
+1. serial (Video-ChatGPT style): a plain script (`bench/extraction_rows.py _serial`), one
+   process, one video at a time, as Video-ChatGPT's feature script does it: decord
+   `VideoReader` at full resolution (decord's default threads), `get_batch` of the same 8
+   indices the job decodes, each frame resized with PIL bicubic so its short side is the encoder's input size and centre-cropped
    (as a CLIP image processor does), normalised and encoded by the same open_clip tower
    (`pipeline.encoder.load_encoder(...).encode`), one pickle per video.
 2. job, 64-video shards: `run_extract.py extract` into a fresh store (manifest with
@@ -61,32 +61,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import pickle
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the hidden subcommands import the project without an install
+from corpus import ENCODER, FRAMES, GOP, WEB_X264, encoder_image_size, generate_videos, write_instructions
+from report import check, print_checks
+from runner import bench_main, log, run, store_status, work_dir
 
-from report import emit, print_checks  # bench/report.py (bench/ is on sys.path when run as a script)  # noqa: E402
-
-ENCODER = "demo-tiny"
-FRAMES = 8
-WIDTH, HEIGHT, FPS, GOP = 640, 360, 25, 250
-X264_OPTIONS = {"preset": "veryfast", "bf": "3", "g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0",
-                "threads": "1"}
+ROWS_SCRIPT = str(Path(__file__).resolve().parent / "extraction_rows.py")
+WIDTH, HEIGHT, FPS = 640, 360, 25
 QUICK = {"videos": 24, "seconds": 20.0, "repeats": 1}
 DEFAULTS = {"videos": 96, "seconds": 60.0, "repeats": 2}
 ROWS = {  # key: label; the timed rows in their round-robin order
@@ -97,10 +87,6 @@ ROWS = {  # key: label; the timed rows in their round-robin order
     "limit": "limit: decode only, all cores",
 }
 RERUN_LABEL = "rerun, nothing to do"
-
-
-class BenchError(RuntimeError):
-    """A subprocess of the benchmark failed; the message carries its output's tail."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -128,129 +114,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# --- corpus -------------------------------------------------------------------------------------
-
-def make_video(job: tuple) -> int:
-    """Write one H.264 video (see the module docstring) of `seconds` to `path`; returns its bytes.
-    `job` is (path, seconds, seed) or (path, seconds, seed, width, height, fps) (bench/extract.py's
-    mixed corpus). Runs in a spawned worker: PyAV here never shares a process with decord."""
-    import av
-
-    path, seconds, seed, *size = job
-    width, height, fps = size or (WIDTH, HEIGHT, FPS)
-    rng = np.random.default_rng(seed)
-    # A smooth texture twice the frame size (scrolled diagonally), a square and a disc on
-    # Lissajous paths with changing colours, and low-bit grain cycling through 7 fields.
-    coarse = rng.uniform(40, 215, size=(12, 16, 3)).astype(np.float32)
-    ys, xs = np.linspace(0, 11, 2 * height), np.linspace(0, 15, 2 * width)
-    y0, x0 = ys.astype(int), xs.astype(int)
-    y1, x1 = np.minimum(y0 + 1, 11), np.minimum(x0 + 1, 15)
-    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    texture = (coarse[y0][:, x0] * (1 - wx) + coarse[y0][:, x1] * wx) * (1 - wy) \
-        + (coarse[y1][:, x0] * (1 - wx) + coarse[y1][:, x1] * wx) * wy
-    texture = np.clip(texture + rng.normal(0, 8, size=texture.shape[:2] + (1,)), 0, 255).astype(np.uint8)
-    grain = rng.integers(0, 8, size=(7, height, width, 3), dtype=np.uint8)
-    side = height // 4
-    yy, xx = np.mgrid[:side, :side]
-    disc = (yy - side / 2 + 0.5) ** 2 + (xx - side / 2 + 0.5) ** 2 <= (side / 2) ** 2
-    phase = rng.uniform(0, 2 * np.pi, size=4)
-    tmp = path.with_suffix(".part.mp4")
-    with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.codec_context.time_base = Fraction(1, fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = dict(X264_OPTIONS)
-        for index in range(int(round(seconds * fps))):
-            t = index / fps
-            oy, ox = (index * 2) % height, (index * 3) % width
-            pixels = texture[oy : oy + height, ox : ox + width] ^ grain[index % 7]
-            sy = int((height - side) * (0.5 + 0.5 * np.sin(0.7 * t + phase[0])))
-            sx = int((width - side) * (0.5 + 0.5 * np.cos(0.45 * t + phase[1])))
-            pixels[sy : sy + side, sx : sx + side] = ((index * 7) % 256, 255 - (index * 5) % 256, 128)
-            dy = int((height - side) * (0.5 + 0.5 * np.sin(0.5 * t + phase[2])))
-            dx = int((width - side) * (0.5 + 0.5 * np.sin(0.9 * t + phase[3])))
-            pixels[dy : dy + side, dx : dx + side][disc] = (230, (index * 3) % 256, 40)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    tmp.replace(path)
-    return path.stat().st_size
-
-
 def ensure_corpus(work: Path, n: int, seconds: float) -> tuple[Path, list[Path], float]:
-    """Generate the missing videos (spawned workers, one per core); return the video folder, the
+    """Generate the missing videos; return the video folder, the
     N videos and the seconds spent generating."""
     videos = work / f"videos_{seconds:g}s_{WIDTH}x{HEIGHT}_{FPS}fps_g{GOP}"
     videos.mkdir(parents=True, exist_ok=True)
     paths = [videos / f"v_bench{i:05d}.mp4" for i in range(n)]
-    jobs = [(path, seconds, i) for i, path in enumerate(paths) if not path.exists()]
-    if not jobs:
-        return videos, paths, 0.0
-    workers = min(len(jobs), len(os.sched_getaffinity(0)))
-    log(f"generating {len(jobs)} videos of {seconds:g} s in {workers} processes into {videos}")
-    start = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(make_video, job): job[0] for job in jobs}
-        for done, future in enumerate(as_completed(futures), 1):
-            log(f"  {done}/{len(jobs)} {futures[future].name} ({future.result() / 1e6:.1f} MB)")
-    return videos, paths, time.perf_counter() - start
-
-
-def write_instructions(path: Path, video_ids: list[str]) -> None:
-    """Two VideoInstruct-100K flat records per video."""
-    records = []
-    for video_id in video_ids:
-        records.append({"video_id": video_id, "q": "What moves in the video?",
-                        "a": "A square and a disc move over a scrolling texture."})
-        records.append({"video_id": video_id, "q": "Describe the video.\nQA_GT_caption_based_noisy",
-                        "a": "Two shapes cross a textured background that scrolls diagonally."})
-    path.write_text(json.dumps(records), encoding="utf-8")
-
-
-def encoder_image_size() -> int:
-    """demo-tiny's input size, from its open_clip config (no torch import needed)."""
-    config = json.loads((REPO / "pipeline" / "encoder_configs" / f"{ENCODER}.json").read_text(encoding="utf-8"))
-    return int(config["vision_cfg"]["image_size"])
-
-
-# --- subprocesses -------------------------------------------------------------------------------
-
-def cpu_of_children() -> float:
-    """CPU seconds (user + system) of the finished, reaped subprocesses and their descendants."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run(cmd: list[str], logs: Path, name: str, cpu: list[float] | None = None) -> tuple[float, str]:
-    """Run `cmd` in the repository root with stdout and stderr to logs/NAME.{out,err}; return
-    (seconds from start to exit, stdout), and append its CPU seconds (all its processes that
-    were reaped) to `cpu`. A non-zero exit raises BenchError with the tail."""
-    out, err = logs / f"{name}.out", logs / f"{name}.err"
-    with out.open("w") as stdout, err.open("w") as stderr:
-        start, cpu_start = time.perf_counter(), cpu_of_children()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=stdout, stderr=stderr)
-        elapsed = time.perf_counter() - start
-        if cpu is not None:
-            cpu.append(cpu_of_children() - cpu_start)
-    if proc.returncode:
-        tail = "\n".join((out.read_text() + err.read_text()).splitlines()[-30:])
-        raise BenchError(f"`{' '.join(cmd)}` exited with {proc.returncode}; the end of its output:\n{tail}")
-    return elapsed, out.read_text()
-
-
-def store_status(python: str, store: Path, logs: Path, name: str) -> dict:
-    """`run_extract.py status --json` of a store, reduced to what the completeness check needs."""
-    _, text = run([python, "run_extract.py", "status", "--store", str(store), "--json"], logs, name)
-    status = json.loads(text)
-    keys = ("rows", "ok", "failed", "pending", "shards_done", "shards_total", "failures_by_reason")
-    return {**{k: status[k] for k in keys}, "image_size": status["encoder"]["image_size"]}
+    generation_s = generate_videos([(path, seconds, i, WIDTH, HEIGHT, FPS) for i, path in enumerate(paths)])
+    return videos, paths, generation_s
 
 
 def compare_with_serial(serial_out: Path, manifest: Path, store: Path) -> dict:
@@ -274,21 +145,6 @@ def compare_with_serial(serial_out: Path, manifest: Path, store: Path) -> dict:
 
 # --- the benchmark ------------------------------------------------------------------------------
 
-def bench(args: argparse.Namespace) -> dict:
-    started = time.perf_counter()
-    tmpdir = None
-    if args.work is None:
-        tmpdir = tempfile.TemporaryDirectory(prefix="vidcache-bench-extract-")
-        work = Path(tmpdir.name)
-    else:
-        work = args.work.expanduser().resolve()
-    try:
-        return measure(args, work, started)
-    finally:
-        if tmpdir is not None:
-            tmpdir.cleanup()
-
-
 def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
     py, n = args.python, args.videos
     videos, paths, generation_s = ensure_corpus(work, n, args.seconds)
@@ -308,12 +164,12 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
     extract = [py, "run_extract.py", "extract", "--encoder", ENCODER, "--pretrained", "none",
                "--frames", str(FRAMES)]
     commands = {
-        "serial": [py, str(Path(__file__).resolve()), "_serial", "--manifest", str(manifests[64]),
+        "serial": [py, ROWS_SCRIPT, "_serial", "--manifest", str(manifests[64]),
                    "--out", str(serial_out)],
         "job64": [*extract, "--manifest", str(manifests[64]), "--store", str(stores["job64"])],
         "job8": [*extract, "--manifest", str(manifests[8]), "--store", str(stores["job8"])],
         "ray64": [*extract, "--manifest", str(manifests[64]), "--store", str(stores["ray64"]), "--ray-address", "local"],
-        "limit": [py, str(Path(__file__).resolve()), "_decode_only", "--manifest", str(manifests[64]),
+        "limit": [py, ROWS_SCRIPT, "_decode_only", "--manifest", str(manifests[64]),
                   "--image-size", str(image_size)],
     }
     fresh = {"serial": serial_out, **stores}  # outputs removed before each timed run
@@ -364,7 +220,7 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
         "fps": FPS,
         "resolution": f"{WIDTH}x{HEIGHT}",
         "gop": GOP,
-        "x264_options": X264_OPTIONS,
+        "x264_options": WEB_X264,
         "corpus_mb": round(sum(path.stat().st_size for path in paths) / 1e6, 1),
         "encoder": ENCODER,
         "pretrained": "none",
@@ -387,11 +243,6 @@ def measure(args: argparse.Namespace, work: Path, started: float) -> dict:
     }
 
 
-def check(label: str, value: float, op: str, bar: float) -> dict:
-    passed = {">=": value >= bar, "<=": value <= bar, "<": value < bar}[op]
-    return {"label": label, "value": round(value, 3), "bar": f"{op} {bar:g}", "pass": passed}
-
-
 def print_table(result: dict) -> None:
     rows, n = result["rows"], result["videos"]
     print("| row | median s | min s | videos/s (median) | CPU s (median) | runs |")
@@ -408,100 +259,10 @@ def print_table(result: dict) -> None:
           f"(random weights) at {result['image_size']} px, F={result['frames']}; {result['cpus']} CPUs")
 
 
-# --- hidden subcommands (the rows that are not the project's CLI) -------------------------------
-
-def clip_preprocess(frame: np.ndarray, size: int) -> np.ndarray:
-    """A CLIP image processor's geometry on one full-resolution frame: PIL bicubic resize of the
-    short side to `size`, then a centre crop of size x size (uint8 in, uint8 out)."""
-    from PIL import Image
-
-    height, width = frame.shape[:2]
-    scale = size / min(width, height)
-    new_w, new_h = (size, int(height * scale)) if width <= height else (int(width * scale), size)
-    resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BICUBIC))
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return resized[top : top + size, left : left + size]
-
-
-def serial_main(argv: list[str]) -> int:
-    """Row 1: Video-ChatGPT's way, one process, one video at a time (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="extract_speed.py _serial",
-                                description="Extract features serially, one pickle per video (benchmark row 1).")
-    p.add_argument("--manifest", type=Path, required=True, help="manifest folder whose videos to extract, in row order")
-    p.add_argument("--out", type=Path, required=True, help="folder for the <video_id>.pkl files")
-    p.add_argument("--indices", choices=("job", "linspace"), default="job",
-                   help="job: the job's uniform indices (a fair ratio decodes the same frames); linspace: "
-                        "Video-ChatGPT's own np.linspace(0, n - 1, F), whose first frame is a free keyframe")
-    args = p.parse_args(argv)
-    import torch  # noqa: F401  before decord: with decord loaded first, torch's attention segfaults on CPU
-    import decord
-
-    from manifests.manifest import load_manifest
-    from pipeline.encoder import EncoderSpec, load_encoder
-    from pipeline.sampling import uniform_indices
-
-    encoder = load_encoder(EncoderSpec(ENCODER, "none", -1, "fp32"))
-    manifest = load_manifest(args.manifest)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for entry in manifest.videos:
-        reader = decord.VideoReader(str(manifest.abs_path(entry)), ctx=decord.cpu(0))
-        indices = uniform_indices(len(reader), FRAMES) if args.indices == "job" \
-            else np.linspace(0, len(reader) - 1, FRAMES).astype(int).tolist()
-        frames = reader.get_batch(indices).asnumpy()
-        tokens = encoder.encode(np.stack([clip_preprocess(frame, encoder.image_size) for frame in frames]))
-        with (args.out / f"{entry.video_id}.pkl").open("wb") as fh:
-            pickle.dump({"video_id": entry.video_id, "frame_index": np.asarray(indices, dtype=np.int32),
-                         "tokens": tokens}, fh)
-    print(json.dumps({"videos": len(manifest.videos)}))
-    return 0
-
-
-def decode_one(job: tuple[str, str, int]) -> str | None:
-    """Decode one manifest entry as the job does (in a pool worker); its failure reason or None."""
-    from pipeline.decode import DecodeSpec, decode_file
-    from pipeline.errors import DecodeError
-
-    path, kind, image_size = job
-    try:
-        decode_file(Path(path), kind, DecodeSpec(FRAMES, "uniform", image_size, "shortest"))
-    except DecodeError as err:
-        return f"{path}: {err}"
-    return None
-
-
-def decode_only_main(argv: list[str]) -> int:
-    """Row 5: every video through the project's decoder, one spawn worker per usable core."""
-    p = argparse.ArgumentParser(prog="extract_speed.py _decode_only",
-                                description="Decode every video of a manifest, nothing else (benchmark row 5).")
-    p.add_argument("--manifest", type=Path, required=True, help="manifest folder whose videos to decode")
-    p.add_argument("--image-size", type=int, required=True, help="the encoder's input size the decoder resizes to")
-    args = p.parse_args(argv)
-    from manifests.manifest import load_manifest
-
-    manifest = load_manifest(args.manifest)
-    jobs = [(str(manifest.abs_path(e)), e.kind, args.image_size) for e in manifest.videos]
-    workers = len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        errors = [e for e in pool.map(decode_one, jobs) if e]
-    print(json.dumps({"videos": len(jobs), "failed": len(errors), "workers": workers}))
-    for error in errors:
-        print(error, file=sys.stderr)
-    return 1 if errors else 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    hidden = {"_serial": serial_main, "_decode_only": decode_only_main}
-    if argv and argv[0] in hidden:
-        return hidden[argv[0]](argv[1:])
-    args = parse_args(argv)
-    try:
-        result = bench(args)
-    except BenchError as err:
-        log(f"error: {err}")
-        return 1
-    emit(result, args.json, print_table)
-    return 0
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    with work_dir(args.work, "vidcache-bench-extract-") as work:
+        return bench_main(lambda: measure(args, work, time.perf_counter()), args.json, print_table)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -55,22 +54,10 @@ def write_video(path: Path, n: int, width: int, height: int, codec: str = "libx2
                 rotation: int | None = None) -> Path:
     """Encode `n` frames of `content`; `pts` (milliseconds) gives a variable frame rate;
     `rotation` (degrees, counter-clockwise) sets the stream's display matrix."""
-    import av
+    from manifests.video_writer import write_video as encode
 
-    rate = Fraction(fps).limit_denominator(1000)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.codec_context.time_base = 1 / rate if pts is None else Fraction(1, 1000)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        stream.options = dict(X264 if options is None else options)
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(content(i, width, height), format="rgb24")
-            frame.pts = i if pts is None else pts[i]
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
+    return encode(path, (content(i, width, height) for i in range(n)), fps, codec=codec, pix_fmt=pix_fmt,
+                  options=X264 if options is None else options, pts_ms=pts, rotation=rotation)
 
 
 def overreport_header(path: Path, claimed: int = 2000) -> Path:

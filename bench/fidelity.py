@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from pipeline.decode import DecodeSpec, decode_video  # noqa: E402
 from pipeline.encoder import Encoder, EncoderSpec, load_encoder  # noqa: E402
 from pipeline.sampling import UNIFORM, uniform_indices  # noqa: E402
-from report import compact_json  # bench/report.py (bench/ is on sys.path when run as a script)
+from report import emit, print_rows  # bench/report.py (bench/ is on sys.path when run as a script)
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov"}
 
@@ -219,21 +219,18 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "total_runtime_s": round(time.perf_counter() - started, 1),
     }
-    text = compact_json(result)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print()
-    print("| encoder | weights | videos x frames | token cosine mean | min | next-frame cosine | other-video cosine "
-          "| pixel MAE (uint8) | >= 0.98 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['encoder']} ({r['image_size']} px) | {r['pretrained']} | {r['videos']} x {r['frames_per_video']} "
-              f"| {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {r['next_frame_cosine_mean']:.4f} "
-              f"| {r['other_video_cosine_mean']:.4f} | {r['pixel_mae_uint8']:.2f} "
-              f"| {'yes' if r['meets_0.98'] else 'no'} |")
+    emit(result, args.out, print_table)
     return result
 
+
+
+def print_table(result: dict) -> None:
+    print_rows(["encoder", "weights", "videos x frames", "token cosine mean", "min", "next-frame cosine",
+                "other-video cosine", "pixel MAE (uint8)", ">= 0.98"],
+               [[f"{r['encoder']} ({r['image_size']} px)", r["pretrained"], f"{r['videos']} x {r['frames_per_video']}",
+                 f"{r['cosine_mean']:.4f}", f"{r['cosine_min']:.4f}", f"{r['next_frame_cosine_mean']:.4f}",
+                 f"{r['other_video_cosine_mean']:.4f}", f"{r['pixel_mae_uint8']:.2f}", "yes" if r["meets_0.98"] else "no"]
+                for r in result["results"]])
 
 if __name__ == "__main__":
     main()

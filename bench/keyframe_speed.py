@@ -15,8 +15,8 @@ hits both alike. For context it also times what both policies pay regardless of 
 decord opening and indexing the file (no decode). It also checks that every index the keyframe
 policy decoded is one of decord's `get_key_indices()` (exits non-zero if not).
 
-The videos are generated once with PyAV into --work (reused on later runs when present):
-moving content (a scrolling texture plus a moving square) so that P-frames carry real residuals.
+The videos are generated once into --work (reused on later runs when present) by
+bench/corpus.py: moving content, so that P-frames carry real residuals; x264 ultrafast.
 
 Reproduce (the numbers in the README were measured with exactly this, on a 2-core CPU box):
 
@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from pipeline.decode import DecodeSpec, decode_video  # noqa: E402
 from pipeline.sampling import KEYFRAME, UNIFORM  # noqa: E402
-from report import compact_json  # bench/report.py (bench/ is on sys.path when run as a script)
+from corpus import GOP, generate_videos  # bench/ (on sys.path when run as a script)  # noqa: E402
+from report import emit  # noqa: E402
+from runner import work_dir  # noqa: E402
 
-GOP = 250
 X264_OPTIONS = {"g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "preset": "ultrafast", "threads": "1"}
 
 
@@ -66,59 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_video(path: Path, seconds: float, fps: int, width: int, height: int, seed: int) -> None:
-    """A long H.264 video with GOPs of exactly GOP frames and content that moves every frame."""
-    import av
-
-    rng = np.random.default_rng(seed)
-    # A smooth texture twice the frame size, scrolled diagonally, plus grain and a moving square.
-    coarse = rng.uniform(40, 215, size=(12, 16, 3)).astype(np.float32)
-    ys = np.linspace(0, coarse.shape[0] - 1, 2 * height)
-    xs = np.linspace(0, coarse.shape[1] - 1, 2 * width)
-    y0, x0 = ys.astype(int), xs.astype(int)
-    y1, x1 = np.minimum(y0 + 1, coarse.shape[0] - 1), np.minimum(x0 + 1, coarse.shape[1] - 1)
-    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    texture = (coarse[y0][:, x0] * (1 - wx) + coarse[y0][:, x1] * wx) * (1 - wy) \
-        + (coarse[y1][:, x0] * (1 - wx) + coarse[y1][:, x1] * wx) * wy
-    texture = np.clip(texture + rng.normal(0, 8, size=texture.shape[:2] + (1,)), 0, 255).astype(np.uint8)
-    side = min(width, height) // 4
-    n_frames = int(round(seconds * fps))
-    tmp = path.with_suffix(".part.mp4")
-    with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.codec_context.time_base = Fraction(1, fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = dict(X264_OPTIONS)
-        for index in range(n_frames):
-            oy, ox = (index * 2) % height, (index * 3) % width
-            pixels = texture[oy : oy + height, ox : ox + width].copy()
-            t = index / fps
-            sy = int((height - side) * (0.5 + 0.5 * np.sin(0.7 * t)))
-            sx = int((width - side) * (0.5 + 0.5 * np.cos(0.45 * t)))
-            pixels[sy : sy + side, sx : sx + side] = ((index * 7) % 256, 255 - (index * 5) % 256, 128)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    tmp.replace(path)
-
-
 def ensure_videos(work: Path, args: argparse.Namespace) -> tuple[list[Path], float]:
     """Generate the videos that are missing; return their paths and the seconds spent generating."""
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{int(args.seconds)}s_{args.fps}fps_{args.width}x{args.height}_g{GOP}"
-    paths, spent = [], 0.0
-    for i in range(args.videos):
-        path = work / f"long_{tag}_{i}.mp4"
-        if not path.exists():
-            start = time.perf_counter()
-            make_video(path, args.seconds, args.fps, args.width, args.height, seed=i)
-            spent += time.perf_counter() - start
-            print(f"generated {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f}s",
-                  file=sys.stderr)
-        paths.append(path)
+    paths = [work / f"moving_{tag}_{i}.mp4" for i in range(args.videos)]
+    spent = generate_videos([(path, args.seconds, i, args.width, args.height, args.fps, X264_OPTIONS)
+                             for i, path in enumerate(paths)])
     return paths, spent
 
 
@@ -170,13 +123,7 @@ def time_open(path: Path) -> float:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    tmpdir = None
-    if args.work is None:
-        tmpdir = tempfile.TemporaryDirectory(prefix="vidcache-bench-keyframe-")
-        work = Path(tmpdir.name)
-    else:
-        work = args.work
-    try:
+    with work_dir(args.work, "vidcache-bench-keyframe-") as work:
         paths, generation_s = ensure_videos(work, args)
         specs = {policy: DecodeSpec(frames=args.frames, sampling=policy, image_size=args.image_size)
                  for policy in (UNIFORM, KEYFRAME)}
@@ -217,23 +164,20 @@ def main(argv: list[str] | None = None) -> dict:
             "generation_s": round(generation_s, 1),
             "total_runtime_s": round(time.perf_counter() - started, 1),
         }
-    finally:
-        if tmpdir is not None:
-            tmpdir.cleanup()
-    text = compact_json(result)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print()
-    n = len(runs[UNIFORM])
-    print(f"| sampling | s / video (median of {n}) | speedup |")
-    print("|---|---|---|")
-    print(f"| uniform | {median[UNIFORM]:.3f} | 1.00x |")
-    print(f"| keyframe | {median[KEYFRAME]:.3f} | {median[UNIFORM] / median[KEYFRAME]:.2f}x |")
-    print(f"| (open + index only, no decode) | {open_s:.3f} | |")
-    print(f"\n{len(paths)} videos x {args.seconds:g} s, {args.width}x{args.height} @ {args.fps} fps, GOP {GOP}, "
-          f"F={args.frames}, resized to short side {args.image_size}")
+    emit(result, args.out, print_table)
     return result
+
+
+
+def print_table(result: dict) -> None:
+    uniform, keyframe = result["uniform_s_per_video"], result["keyframe_s_per_video"]
+    print(f"| sampling | s / video (median of {len(result['samples_s'][UNIFORM])}) | speedup |")
+    print("|---|---|---|")
+    print(f"| uniform | {uniform:.3f} | 1.00x |")
+    print(f"| keyframe | {keyframe:.3f} | {uniform / keyframe:.2f}x |")
+    print(f"| (open + index only, no decode) | {result['open_index_s_per_video']:.3f} | |")
+    print(f"\n{result['videos']} videos x {result['seconds_per_video']:g} s, {result['resolution']} @ {result['fps']} fps, "
+          f"GOP {result['gop']}, F={result['frames_sampled']}, resized to short side {result['image_size']}")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,17 @@ def print_checks(checks: dict, digits: int = 2) -> None:
     for c in checks.values():
         value = f"{c['value']:.{digits}f}" if isinstance(c["value"], float) else c["value"]
         print(f"| {c['label']} | {value} | {c['bar']} | {'PASS' if c['pass'] else 'FAIL'} |")
+
+
+def check(label: str, value: float, op: str, bar: float) -> dict:
+    """One row of a result's checks: `value` against `bar` by `op` (">=", "<=" or "<")."""
+    passed = {">=": value >= bar, "<=": value <= bar, "<": value < bar}[op]
+    return {"label": label, "value": round(value, 3), "bar": f"{op} {bar:g}", "pass": passed}
+
+
+def print_rows(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table: the header, its rule, then one line per row of already formatted cells."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")

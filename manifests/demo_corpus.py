@@ -23,13 +23,13 @@ import logging
 import multiprocessing
 import string
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 from tqdm import tqdm
+
+from manifests import video_writer
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +149,17 @@ def write_video(video: DemoVideo, path: Path, seed: int) -> None:
     size = int(OBJECT_SIZE * min(video.width, video.height))
     mask = _shape_mask(video.shape, size)
     colour = np.array(COLOURS[video.colour], dtype=np.uint8)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=video.fps)
-        stream.codec_context.time_base = Fraction(1, video.fps)
-        stream.width, stream.height, stream.pix_fmt = video.width, video.height, "yuv420p"
-        # mbtree off: libx264's macroblock-tree rate control reads heap memory it never wrote, which
-        # made a few videos' bytes and pixels depend on the process's earlier allocations
-        stream.options = {"preset": "veryfast", "crf": "23", "threads": "1", "x264-params": "mbtree=0"}
-        for index, (x, y) in enumerate(_positions(video, rng, size)):
+    # mbtree off: libx264's macroblock-tree rate control reads heap memory it never wrote, which
+    # made a few videos' bytes and pixels depend on the process's earlier allocations
+    options = {"preset": "veryfast", "crf": "23", "threads": "1", "x264-params": "mbtree=0"}
+
+    def frames():
+        for x, y in _positions(video, rng, size):
             pixels = background.copy()
             pixels[y : y + size, x : x + size][mask] = colour
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = index  # explicit timestamps: the encoder never guesses them
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            yield pixels
+
+    video_writer.write_video(path, frames(), video.fps, options=options)
 
 
 def labels_for(video: DemoVideo, index: int) -> dict[str, dict[str, str]]:

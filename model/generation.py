@@ -102,14 +102,9 @@ def stream_generate(
         next_position = next_position + 1
 
 
-def generate(
-    model: VideoLM,
-    prompts: Sequence[Sequence[int]],
-    video: Tensor | None = None,
-    gen: GenerationConfig = GenerationConfig(),
-    generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """The new tokens of every prompt (without the stop token); see `stream_generate`."""
+def generate(model: VideoLM, prompts: Sequence[Sequence[int]], video: Tensor | None = None,
+             gen: GenerationConfig = GenerationConfig(), generator: torch.Generator | None = None) -> list[list[int]]:
+    """The new tokens of every prompt (without the stop token); `stream_generate`'s arguments."""
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in stream_generate(model, prompts, video, gen, generator):
         for out, token in zip(outputs, step.tolist()):

@@ -14,6 +14,7 @@ import pytest
 import zarr
 from PIL import Image
 
+from corpus_helpers import BROKEN_BYTES, corpus_with_a_broken_file, write_instructions
 from manifests.build import ManifestConfig, build_manifest
 from manifests.demo_corpus import make_demo_corpus
 from manifests.manifest import load_manifest
@@ -36,11 +37,6 @@ def _shard_files(store: Path, shard: int) -> set[str]:
     return names | {f"commits/shard-{shard:06d}.json"}
 
 
-def _instructions(path: Path, ids: list[str]) -> Path:
-    path.write_text(json.dumps([{"q": "What is it?", "a": "A thing.", "video_id": v} for v in ids]))
-    return path
-
-
 def _extract(manifest: Path, store: Path) -> object:
     return extract(ExtractConfig(manifest=manifest, store=store, encoder="demo-tiny", pretrained="none", frames=F,
                                  batch_size=16))
@@ -50,13 +46,8 @@ def _extract(manifest: Path, store: Path) -> object:
 def made(tmp_path_factory):
     """5 demo videos + one broken file, shard size 2 (3 shards), both splits, extracted once."""
     root = tmp_path_factory.mktemp("curate")
-    make_demo_corpus(root, n_videos=5, seed=2)
-    ids = sorted(json.loads((root / "labels.json").read_text()))
-    (root / "videos" / "broken.mp4").write_bytes(b"not a video at all" * 100)
-    build_manifest(ManifestConfig(_instructions(root / "i.json", ids + ["broken"]), root / "videos",
-                                  root / "manifest", shard_size=2, val_fraction=0.5))
     store = root / "store.zarr"
-    _extract(root / "manifest", store)
+    _extract(corpus_with_a_broken_file(root, seed=2, shard_size=2, val_fraction=0.5), store)
     return root, store
 
 
@@ -148,7 +139,7 @@ def test_rebuild_failed_after_fixing_the_file(made, tmp_path):
     try:
         summary = rebuild(RebuildConfig(manifest=root / "manifest", store=work, failed=True, batch_size=16))
     finally:
-        (manifest.video_root / "broken.mp4").write_bytes(b"not a video at all" * 100)
+        (manifest.video_root / "broken.mp4").write_bytes(BROKEN_BYTES)
     assert summary.shards_written == 1 and summary.failed == 0
     g = zarr.open_group(work, mode="r")
     assert int(g["status"][broken.row]) == 1
@@ -159,12 +150,12 @@ def test_growth_extracts_only_new_shards(tmp_path):
     make_demo_corpus(tmp_path, n_videos=6, seed=4)
     ids = sorted(json.loads((tmp_path / "labels.json").read_text()))
     manifest = tmp_path / "manifest"
-    build_manifest(ManifestConfig(_instructions(tmp_path / "i.json", ids[:4]), tmp_path / "videos", manifest,
+    build_manifest(ManifestConfig(write_instructions(tmp_path / "i.json", ids[:4]), tmp_path / "videos", manifest,
                                   shard_size=2))
     store = tmp_path / "store.zarr"
     assert _extract(manifest, store).shards_written == 2
     before = _files(store)
-    build_manifest(ManifestConfig(_instructions(tmp_path / "i.json", ids), tmp_path / "videos", manifest))
+    build_manifest(ManifestConfig(write_instructions(tmp_path / "i.json", ids), tmp_path / "videos", manifest))
     summary = _extract(manifest, store)
     assert summary.shards_written == 1 and summary.ok == 2
     after = _files(store)

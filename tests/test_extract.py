@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -31,6 +30,7 @@ from torchvision import transforms
 from manifests.build import ManifestConfig, build_manifest
 from manifests.demo_corpus import make_demo_corpus
 from manifests.manifest import load_manifest
+from manifests.video_writer import write_video
 from pipeline.encoder import RANDOM_SEED, register_configs
 from pipeline.errors import ExtractError
 from pipeline.extract import ExtractConfig, extract
@@ -43,15 +43,7 @@ BAD = ("zero_bytes", "truncated", "random_bytes", "text_file", "audio_only")
 
 def _write_video(path: Path, frames: int, size=(160, 120), fps=25) -> None:
     rng = np.random.default_rng(frames)
-    with av.open(str(path), mode="w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.codec_context.time_base = Fraction(1, fps)
-        s.width, s.height, s.pix_fmt = *size, "yuv420p"
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "rgb24")
-            frame.pts = i
-            c.mux(s.encode(frame))
-        c.mux(s.encode())
+    write_video(path, (rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8) for _ in range(frames)), fps)
 
 
 def _write_audio_only(path: Path) -> None:

@@ -6,32 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import (
-    STOPPED,
-    GenerationConfig,
-    ProjectorConfig,
-    SummaryConfig,
-    VideoLM,
-    VideoLMConfig,
-    generate,
-    lm_preset,
-    stream_generate,
-)
+from model import STOPPED, GenerationConfig, VideoLM, generate, stream_generate
 from model.generation import next_token
+from model_helpers import tiny_video_lm
 
 VIDEO_ID = 0  # also the id that left padding uses: padding must not count as a placeholder
 
 
 @pytest.fixture(scope="module")
 def model() -> VideoLM:
-    torch.manual_seed(0)
-    cfg = VideoLMConfig(
-        lm=lm_preset("tiny", vocab_size=64),
-        summary=SummaryConfig(vision_dim=32, n_queries=3, n_layers=1, n_heads=4, n_frames=4),
-        projector=ProjectorConfig("mlp"),
-        video_token_id=VIDEO_ID,
-    )
-    model = VideoLM(cfg).eval()
+    model = tiny_video_lm(projector="mlp", video_token_id=VIDEO_ID)
     with torch.no_grad():  # larger weights than the init, so that greedy outputs vary
         for p in model.lm.parameters():
             p.mul_(8)

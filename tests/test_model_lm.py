@@ -20,24 +20,27 @@ def _randomize_norms(module: torch.nn.Module, generator: torch.Generator) -> Non
                 param.copy_(1 + 0.5 * torch.randn(param.shape, generator=generator))
 
 
+# The sizes of the `hf_llama` checkpoint, as the LMConfig that reading it must give.
+HF_LLAMA_SIZES = dict(vocab_size=101, dim=64, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=176, rope_theta=1e6,
+                      norm_eps=1e-5, max_seq_len=256, tie_embeddings=True)
+
+# The name under which transformers' LlamaConfig holds each LMConfig field, written out here (not
+# taken from model/, whose reading of these names is what the tests check).
+HF_LLAMA_NAMES = {
+    "vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size",
+    "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
     """A small random LlamaForCausalLM (GQA, tied head, rope theta 1e6) saved as safetensors."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        rope_theta=1e6,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-    )
+    config = transformers.LlamaConfig(**{HF_LLAMA_NAMES[k]: v for k, v in HF_LLAMA_SIZES.items()},
+                                      initializer_range=0.1)
     hf = transformers.LlamaForCausalLM(config).eval()
     _randomize_norms(hf, torch.Generator().manual_seed(1))
     directory = tmp_path_factory.mktemp("hf_llama")
@@ -49,18 +52,7 @@ def hf_llama(tmp_path_factory):
 def test_read_lm_config_of_hf_llama(hf_llama):
     _, directory = hf_llama
     cfg = read_lm_config(directory)
-    assert cfg == LMConfig(
-        vocab_size=101,
-        dim=64,
-        n_layers=3,
-        n_heads=8,
-        n_kv_heads=2,
-        hidden_dim=176,
-        rope_theta=1e6,
-        norm_eps=1e-5,
-        max_seq_len=256,
-        tie_embeddings=True,
-    )
+    assert cfg == LMConfig(**HF_LLAMA_SIZES)
 
 
 def test_lm_matches_hf_llama_logits(hf_llama):

@@ -12,7 +12,6 @@ import torch
 
 from model import (
     IGNORE,
-    ProjectorConfig,
     SummaryConfig,
     VideoLM,
     VideoLMConfig,
@@ -22,6 +21,7 @@ from model import (
     splice_video_tokens,
     token_loss_sum,
 )
+from model_helpers import tiny_video_lm
 
 
 def splice_reference(embeddings, is_placeholder, video_tokens):
@@ -143,14 +143,7 @@ def test_summary_frame_table_is_a_limit():
 
 
 def _tiny_video_lm(video_token_id=3) -> VideoLM:
-    torch.manual_seed(0)
-    cfg = VideoLMConfig(
-        lm=lm_preset("tiny", vocab_size=64),
-        summary=SummaryConfig(vision_dim=32, n_queries=3, n_layers=1, n_heads=4, n_frames=4),
-        projector=ProjectorConfig("linear"),
-        video_token_id=video_token_id,
-    )
-    return VideoLM(cfg).eval()
+    return tiny_video_lm(projector="linear", video_token_id=video_token_id)
 
 
 def test_padding_with_the_placeholder_id_is_not_a_placeholder():

@@ -18,8 +18,7 @@ import pytest
 import zarr
 
 import run_extract
-from manifests.build import ManifestConfig, build_manifest
-from manifests.demo_corpus import make_demo_corpus
+from corpus_helpers import corpus_with_a_broken_file
 from pipeline.extract import ExtractConfig, extract
 from pipeline.inspect import status, verify
 from pipeline.store_format import PENDING, encoder_fingerprint
@@ -33,14 +32,8 @@ DAMAGED = "the store was edited or is damaged"
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("lies")
-    make_demo_corpus(root, n_videos=5, seed=3)
-    ids = sorted(json.loads((root / "labels.json").read_text()))
-    (root / "videos" / "broken.mp4").write_bytes(b"not a video" * 50)
-    (root / "i.json").write_text(json.dumps([{"q": "What?", "a": "A thing.", "video_id": v}
-                                             for v in [*ids, "broken"]]))
-    build_manifest(ManifestConfig(root / "i.json", root / "videos", root / "manifest", shard_size=2))
     store = root / "store.zarr"
-    _extract(root / "manifest", store)
+    _extract(corpus_with_a_broken_file(root, seed=3, shard_size=2), store)
     assert verify(store, root / "manifest") == []
     group = zarr.open_group(store, mode="r")
     assert group["tokens"].shape[:2] == (6, F) and group["status"][:].tolist() == [2, 1, 1, 1, 1, 1]

@@ -19,7 +19,6 @@ import os
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import h5py
@@ -29,6 +28,7 @@ import zarr
 
 from manifests.build import ManifestConfig, build_manifest
 from manifests.manifest import iter_shards, read_manifest_meta
+from manifests.video_writer import write_video
 from pipeline import hdf5 as hdf5_module
 from pipeline.decode import DecodeSpec, decode_file
 from pipeline.encoder import EncoderSpec, load_encoder
@@ -105,22 +105,12 @@ class Synthetic:
 
 def _tiny_video(path: Path) -> None:
     """A real 2-frame 32x24 H.264 file (decord decodes it; F=1 samples one frame)."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.codec_context.time_base = Fraction(1, 25)
-        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
-        stream.options = {"preset": "ultrafast", "threads": "1"}
-        for index in range(2):
-            pixels = np.zeros((24, 32, 3), dtype=np.uint8)
-            pixels[4:20, 6 + 8 * index : 18 + 8 * index] = (200, 40 + 100 * index, 90)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = []
+    for index in range(2):
+        pixels = np.zeros((24, 32, 3), dtype=np.uint8)
+        pixels[4:20, 6 + 8 * index : 18 + 8 * index] = (200, 40 + 100 * index, 90)
+        frames.append(pixels)
+    write_video(path, frames, 25, options={"preset": "ultrafast", "threads": "1"})
 
 
 @pytest.fixture(scope="module")

@@ -41,15 +41,9 @@ def test_decord_imported_first_then_the_project_encodes_the_same_tokens(first, r
 
 def test_the_project_decodes_then_encodes_in_one_process(tmp_path, reference):
     """The project's own order in `chat`-like code: a decode (decord) before the first encode."""
-    import av
+    from manifests.video_writer import write_video
 
-    path = tmp_path / "v.mp4"
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(5):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), "rgb24")))
-        container.mux(stream.encode())
+    path = write_video(tmp_path / "v.mp4", (np.full((48, 64, 3), i * 40, np.uint8) for i in range(5)), 25)
     decode = ("from pipeline.decode import DecodeSpec, decode_video\n"
               f"decode_video({str(path)!r}, DecodeSpec(2, 'uniform', 96))\n"
               "assert 'decord' in sys.modules and 'torch' not in sys.modules\n")

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from manifests.build import ManifestConfig, build_manifest
+from manifests.video_writer import write_video
 from pipeline.decode import DecodeSpec, decode_video
 from pipeline.extract import ExtractConfig, extract
 
@@ -89,14 +90,7 @@ def test_still_content_is_not_taken_for_pictureless_packets(tmp_path):
     path = tmp_path / "still.mp4"
     still = np.zeros((120, 160, 3), np.uint8)
     still[:, :40] = (200, 30, 30)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
-        for i in range(30):
-            frame = av.VideoFrame.from_ndarray(still, format="rgb24")
-            frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    write_video(path, [still] * 30, 25)
     decoded = decode_video(path, DecodeSpec(frames=F, sampling="uniform", image_size=SIZE))
     assert decoded.n_frames == 30 and decoded.frame_index.tolist() == _uniform(30, F)
     assert check_frames(decoded.frames[:1], reference_frames(path, [_uniform(30, F)[0]], SIZE)) is None

@@ -38,21 +38,10 @@ class StoreInfo:
     shape: tuple[int, int, int, int]  # tokens: (N, F, T, D)
     shard_data: dict[int, str] = field(default_factory=dict)  # done shard -> its commit's data_sha256
 
-    @property
-    def n_rows(self) -> int:
-        return self.shape[0]
-
-    @property
-    def frames(self) -> int:
-        return self.shape[1]
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.shape[2]
-
-    @property
-    def width(self) -> int:
-        return self.shape[3]
+    n_rows = property(lambda self: self.shape[0], doc="N, rows of the store")
+    frames = property(lambda self: self.shape[1], doc="F, frames per row")
+    tokens_per_frame = property(lambda self: self.shape[2], doc="T, tokens per frame")
+    width = property(lambda self: self.shape[3], doc="D, feature width")
 
     @property
     def signature(self) -> dict[str, Any]:
