@@ -61,7 +61,7 @@ cores less the DataLoader workers (1 on the 2-core box; `run_train.py train --th
 that the loader workers have a core of their own. This flatters the ratio, not the throughput:
 on the 2-core box with 2 threads (torch's default) the limit itself is faster (B=16: 181
 samples/s against 121 with 1 thread) and so is disk (140 against 119), but disk is then only
-0.66-0.84 of the limit over B=2..64 (train_cpu_full_threads2.json), because the workers
+0.66-0.84 of the limit over B=2..64 (a full run of an earlier session; its JSON was not kept), because the workers
 preempt torch's OpenMP threads and the training process spends about 10 ms a batch receiving
 it (5 tensors, each a file descriptor passed over a socket by torch's sharing strategy:
 py-spy). Under a load of 3-4 from elsewhere, 2 threads also made round-to-round rates vary 10x.
@@ -83,16 +83,16 @@ the hardest case for a data path, whose cost is a larger share of a short step; 
 a GPU), the trainer's other defaults (full VideoSummary, 32 queries, MLP projector),
 `--max-len` 512.
 
-Reproduce (the full run; bench/results/train_cpu_quick.json is `--quick` on the project's 2-core
-CPU box, train_scaling.png and train_cpu_full_threads2.json a full run made before the thread
-setting below was fixed, i.e. with 2 torch threads):
+Reproduce (the full run: bench/results/train_cpu.json and train_scaling.png are its output on
+the project's 2-core CPU box; train_cpu_quick.json is `--quick` there):
 
     .venv/bin/python bench/train.py --work /tmp/vidcache-bench-train --json bench/results/train_cpu.json \
         --plot bench/results/train_scaling.png
 
 `--quick` (96 videos, 3 rounds of 10 steps, batch sizes 4, 16, 32 for the plot, no
 decode+clip row) finishes in about 3 minutes (the first run also makes the corpus: +1 min).
-On a GPU machine add `--device cuda --preset small`. Output: a JSON object on stdout (and in --json if given), then a Markdown table; progress lines go to stderr.
+On a GPU machine add `--device cuda --preset small`. Output: a JSON object on stdout (and in
+--json if given), then a Markdown table; progress lines go to stderr.
 """
 
 from __future__ import annotations
