@@ -62,7 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", type=Path, help="tokenizer.json or a directory holding one (default: train a BPE)")
     m.add_argument("--vocab-size", type=int, help="of the BPE trained here (default 6400)")
     m.add_argument("--video-token", help="the video placeholder token (default <|video|>, added if missing)")
-    m.add_argument("--summary", choices=("full", "cinego"), help="VideoSummary kind (default full)")
+    m.add_argument("--summary", choices=("full", "cinego", "mean", "concat", "vchatgpt", "pool"),
+                   help="the connector from frame tokens to video tokens (default full): full, cinego (VideoSummary "
+                        "queries); mean (T tokens: each token averaged over frames); concat (F*k: --concat-tokens per "
+                        "frame); vchatgpt (F + T-1: Video-ChatGPT's temporal and spatial means); pool (LLaVA-Video's "
+                        "--pool-stride pooling of each frame's patch grid, with frame positions)")
+    m.add_argument("--concat-tokens", type=int, metavar="K",
+                   help="--summary concat: tokens per frame, 1 = its CLS token, m*m = its patch grid averaged to m x m "
+                        "(default 1)")
+    m.add_argument("--pool-stride", type=int, metavar="S",
+                   help="--summary pool: S x S average pooling of each frame's patch grid (default 2)")
     m.add_argument("--queries", type=int, help="learnable queries per query set")
     m.add_argument("--summary-layers", type=int, help="VideoSummary layers per query set (default 2)")
     m.add_argument("--summary-heads", type=int, help="attention heads of the VideoSummary (default 8)")
@@ -71,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a residual MLP on every frame token before the VideoSummary's queries read them (default "
                         "off): lets the summary use features that are non-linear in the frozen CLIP tokens")
     m.add_argument("--projector", choices=("linear", "mlp"), help="vision -> LM projector (default mlp)")
+    m.add_argument("--moe", action="store_true",
+                   help="MiniMind's mixture-of-experts LM (its use_moe) on any preset: each feed-forward becomes routed "
+                        "experts, top-k softmax gating, a shared expert, and the load-balancing loss added to the "
+                        "training loss (default dense; an --init-lm MiniMind MoE file is one without the flag)")
+    m.add_argument("--experts", type=int, help="--moe: routed experts per layer (default 4)")
+    m.add_argument("--experts-per-token", type=int, metavar="K", help="--moe: experts each token is routed to (default 2)")
+    m.add_argument("--shared-expert", action=argparse.BooleanOptionalAction,
+                   help="--moe: an always-on shared expert beside the routed ones (default on)")
+    m.add_argument("--aux-loss-alpha", type=float,
+                   help="--moe: weight of each layer's load-balancing loss (default 0.1, MiniMind's)")
     m.add_argument("--system", help="system prompt of the chat template (default none)")
     m.add_argument("--max-len", type=int, help="tokens per sample; longer ones are cut (default 1024)")
     s = t.add_argument_group("schedule")

@@ -8,6 +8,7 @@ guard_torch()  # before torch: see torch_guard.py
 from model.config import (
     GenerationConfig,
     LMConfig,
+    MoEConfig,
     ProjectorConfig,
     SummaryConfig,
     VideoLMConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "KVCache",
     "LMConfig",
     "MiniMindLM",
+    "MoEConfig",
     "Projector",
     "ProjectorConfig",
     "SummaryConfig",

@@ -5,6 +5,9 @@ position embeddings, SwiGLU feed-forward), a final RMSNorm and an output head th
 shares the embedding matrix. Parameter names are MiniMind's (``tok_embeddings``,
 ``layers.N.attention.wq``, ...), so a MiniMind state dict maps onto this module one to one.
 
+With ``cfg.moe`` set, each feed-forward is MiniMind's mixture of experts (`model.moe`); after a
+forward, `MiniMindLM.aux_loss_sum` and `MiniMindLM.expert_counts` read the routing it took.
+
 Rotary layout: this module rotates the two *halves* of each head (Llama / Hugging Face
 ``rotate_half``). MiniMind itself rotates interleaved pairs; `model.pretrained` permutes the
 q/k projection rows of MiniMind checkpoints on load, so one rotary code serves both.
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import LMConfig
+from model.moe import MoEFeedForward
 
 
 class RMSNorm(nn.Module):
@@ -131,14 +135,18 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+    """Pre-norm transformer block: x + attention(norm(x)), then h + feed_forward(norm(h)); the
+    feed-forward is one SwiGLU, or MiniMind's mixture of SwiGLU experts with ``cfg.moe``."""
 
     def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        if cfg.moe is None:
+            self.feed_forward: nn.Module = FeedForward(cfg)
+        else:
+            self.feed_forward = MoEFeedForward(cfg.dim, cfg.moe, lambda: FeedForward(cfg))
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
@@ -175,7 +183,7 @@ class MiniMindLM(nn.Module):
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, param in self.named_parameters():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            if name.endswith(("attention.wo.weight", ".w2.weight")):  # experts' w2 too
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
@@ -218,3 +226,20 @@ class MiniMindLM(nn.Module):
         if cache is not None:
             cache.length += L
         return self.output(self.norm(x))
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        """The mixture-of-experts feed-forwards, in layer order (none in a dense LM)."""
+        return [block.feed_forward for block in self.layers if isinstance(block.feed_forward, MoEFeedForward)]
+
+    def aux_loss_sum(self, token_mask: Tensor) -> Tensor:
+        """The load-balancing loss of the last forward, summed over layers and sequences
+        (`MoEFeedForward.aux_loss_sum`); token_mask (B, L) False/0 on padding. 0 when dense."""
+        total = torch.zeros((), device=token_mask.device)
+        for layer in self.moe_layers():
+            total = total + layer.aux_loss_sum(token_mask)
+        return total
+
+    def expert_counts(self, token_mask: Tensor) -> Tensor:
+        """(MoE layers, experts) int64: the top-k choices of the last forward's real positions
+        per expert (`MoEFeedForward.expert_counts`)."""
+        return torch.stack([layer.expert_counts(token_mask) for layer in self.moe_layers()])

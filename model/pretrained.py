@@ -1,12 +1,23 @@
 """Load a pretrained language model into the LM part, as Cinego and MiniMind-V start from one.
 
 Two formats:
-- a MiniMind checkpoint file (``lm_512.pth``: a plain state dict with MiniMind's parameter
-  names; ``.safetensors`` works too), read with ``weights_only=True``. MiniMind rotates
-  interleaved pairs of each head; `model.lm` rotates halves (Llama's ``rotate_half``), so the
-  rows of ``wq`` and ``wk`` are permuted per head on load (even rows first, then odd rows) —
-  attention scores are unchanged because q and k are permuted alike. A MiniMind file stores no
-  hyper-parameters: dims come from the tensor shapes, the head count from the model being
+- a MiniMind checkpoint file (``lm_512.pth``, ``full_sft_640_moe.pth``: a plain state dict with
+  MiniMind's parameter names; ``.safetensors`` works too), read with ``weights_only=True``, in
+  either naming MiniMind2 used:
+  - ``model/model.py`` (until April 2025): ``tok_embeddings``, ``layers.N.attention.wq``,
+    ``layers.N.feed_forward.w1`` — this module's own names. It rotates interleaved pairs of
+    each head; `model.lm` rotates halves (Llama's ``rotate_half``), so the rows of ``wq`` and
+    ``wk`` are permuted per head on load (even rows first, then odd rows) — attention scores are
+    unchanged because q and k are permuted alike;
+  - ``model/model_minimind.py`` (from April 2025): ``model.embed_tokens``,
+    ``model.layers.N.self_attn.q_proj``, ``model.layers.N.mlp.gate_proj``, ``lm_head``, which
+    already rotates halves: renamed only.
+  A mixture-of-experts file (MiniMind's ``use_moe``: ``feed_forward.gate`` / ``mlp.gate``,
+  ``experts.{i}.*`` and ``shared_experts.*``) gives an LM with ``moe`` set: the number of
+  experts and whether there is a shared one come from its tensors; the experts per token (2),
+  the balance-loss weight (0.1) and the renormalisation of the top-k are not stored, so they are
+  MiniMind's defaults (a caller may change them: they are not weights). A MiniMind file stores
+  no hyper-parameters: dims come from the tensor shapes, the head count from the model being
   loaded into (8 in every MiniMind2 size), rope theta 1e6 and norm eps 1e-5 are MiniMind's.
 - a Hugging Face Llama-architecture directory (``config.json`` + ``*.safetensors``, e.g. SmolLM2
   or TinyLlama), with its own dims, heads, KV heads, rope theta, vocabulary and head tying.
@@ -29,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from model.config import LMConfig
+from model.config import LMConfig, MoEConfig
 from model.lm import MiniMindLM
 
 log = logging.getLogger(__name__)
@@ -49,7 +60,7 @@ def read_lm_config(path: str | Path, n_heads: int = MINIMIND_N_HEADS) -> LMConfi
     path = _existing(path)
     if path.is_dir():
         return _hf_config(path)
-    return _minimind_config(_read_tensors(path), n_heads, path)
+    return _minimind_config(_minimind_names(_read_tensors(path), path)[0], n_heads, path)
 
 
 def load_lm(lm: MiniMindLM, path: str | Path) -> None:
@@ -59,9 +70,10 @@ def load_lm(lm: MiniMindLM, path: str | Path) -> None:
         cfg = _hf_config(path)
         state = _hf_state_dict(path)
     else:
-        raw = _read_tensors(path)
-        cfg = _minimind_config(raw, lm.cfg.n_heads, path)
-        state = _minimind_state_dict(raw, cfg)
+        state, interleaved = _minimind_names(_read_tensors(path), path)
+        cfg = _minimind_config(state, lm.cfg.n_heads, path)
+        if interleaved:
+            state = _halves_from_interleaved_qk(state, cfg)
     _check_same_config(cfg, lm.cfg, path)
     if cfg.tie_embeddings:  # a tied head is stored once, or not at all (Hugging Face)
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -94,11 +106,19 @@ def _check_same_config(ckpt: LMConfig, model: LMConfig, path: Path) -> None:
         if f.name == "max_seq_len":  # a usage limit, not a weight shape
             continue
         theirs, ours = getattr(ckpt, f.name), getattr(model, f.name)
+        if f.name == "moe":  # only the experts are weights; the routing settings are not stored
+            theirs, ours = _experts(theirs), _experts(ours)
         if theirs != ours:
             raise CheckpointError(
                 f"{path}: checkpoint has {f.name}={theirs} but the model {ours}; "
                 "build the model from read_lm_config(path)"
             )
+
+
+def _experts(moe: MoEConfig | None) -> str:
+    if moe is None:
+        return "dense"
+    return f"{moe.n_experts} experts" + (" + a shared one" if moe.shared_expert else "")
 
 
 # --- MiniMind files ------------------------------------------------------------------------------
@@ -118,18 +138,43 @@ def _read_tensors(path: Path) -> StateDict:
     return state
 
 
+def _minimind_names(state: StateDict, path: Path) -> tuple[StateDict, bool]:
+    """The tensors under this module's names, and whether q/k rotate interleaved pairs (the
+    older naming) rather than halves."""
+    if "tok_embeddings.weight" in state:
+        return state, True
+    if "model.embed_tokens.weight" not in state:
+        raise CheckpointError(f"{path}: not a MiniMind checkpoint (no tok_embeddings.weight or model.embed_tokens.weight)")
+    if any(".mlp.shared_experts.1." in name for name in state):
+        raise CheckpointError(f"{path}: more than one shared expert per layer is not supported")
+    return {_minimind_name(name): tensor for name, tensor in state.items()}, False
+
+
+def _minimind_name(name: str) -> str:
+    """A ``model_minimind.py`` parameter name -> this module's (a Llama name, or an expert's)."""
+    name = name.replace(".mlp.shared_experts.0.", ".mlp.shared_experts.")  # a list of one there
+    expert = re.match(r"(.*)\.mlp\.(gate|experts\.\d+|shared_experts)\.(.*)", name)
+    if expert is None:
+        return _hf_name(name)
+    prefix, part, rest = expert.groups()
+    for old, new in (("gate_proj.", "w1."), ("down_proj.", "w2."), ("up_proj.", "w3.")):
+        rest = rest.replace(old, new)
+    return _hf_name(prefix) + f".feed_forward.{part}.{rest}"
+
+
 def _minimind_config(state: StateDict, n_heads: int, path: Path) -> LMConfig:
-    if "tok_embeddings.weight" not in state:
-        raise CheckpointError(f"{path}: not a MiniMind checkpoint (no tok_embeddings.weight)")
-    if any(".experts." in name for name in state):
-        raise CheckpointError(f"{path}: MiniMind mixture-of-experts checkpoints are not supported")
     vocab_size, dim = state["tok_embeddings.weight"].shape
     layers = {int(m.group(1)) for name in state if (m := re.match(r"layers\.(\d+)\.", name))}
+    gate = state.get("layers.0.feed_forward.gate.weight")
+    ffn = "layers.0.feed_forward." + ("w1.weight" if gate is None else "experts.0.w1.weight")
     try:
         kv_width = state["layers.0.attention.wk.weight"].shape[0]
-        hidden_dim = state["layers.0.feed_forward.w1.weight"].shape[0]
+        hidden_dim = state[ffn].shape[0]
     except KeyError as err:
         raise CheckpointError(f"{path}: not a MiniMind checkpoint (no {err.args[0]})") from err
+    moe = None
+    if gate is not None:
+        moe = MoEConfig(n_experts=gate.shape[0], shared_expert="layers.0.feed_forward.shared_experts.w1.weight" in state)
     output = state.get("output.weight")
     try:
         return LMConfig(
@@ -140,6 +185,7 @@ def _minimind_config(state: StateDict, n_heads: int, path: Path) -> LMConfig:
             n_kv_heads=kv_width // (dim // n_heads),
             hidden_dim=hidden_dim,
             tie_embeddings=output is None or torch.equal(output, state["tok_embeddings.weight"]),
+            moe=moe,
         )
     except ValueError as err:
         raise CheckpointError(f"{path}: does not fit {n_heads} heads ({err})") from err
@@ -151,7 +197,7 @@ def _halves_from_interleaved(weight: Tensor, n_heads: int) -> Tensor:
     return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _minimind_state_dict(state: StateDict, cfg: LMConfig) -> StateDict:
+def _halves_from_interleaved_qk(state: StateDict, cfg: LMConfig) -> StateDict:
     converted = dict(state)
     for name, tensor in state.items():
         if name.endswith("attention.wq.weight"):

@@ -1,4 +1,5 @@
-"""Projector: maps the summary's vision-width tokens into the language model's embedding space."""
+"""Projector: maps the connector's vision-width tokens (any `SummaryConfig` kind) into the language
+model's embedding space."""
 
 from __future__ import annotations
 

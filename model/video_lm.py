@@ -1,7 +1,8 @@
-"""VideoLM: VideoSummary -> projector -> video tokens spliced into the prompt -> MiniMind LM.
+"""VideoLM: connector (the VideoSummary or a `model.connectors` kind) -> projector -> video tokens
+spliced into the prompt -> MiniMind LM.
 
 A prompt carries its video as one run of ``cfg.n_video_tokens`` consecutive ``video_token_id``
-placeholder tokens; the projected summary tokens replace that run, in order. A sample without a
+placeholder tokens; the projected connector tokens replace that run, in order. A sample without a
 placeholder run is text-only (its video row, if any, is ignored), and ``video=None`` means no
 sample has a video: placeholders then keep their own token embedding.
 
@@ -18,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from model.config import VideoLMConfig
+from model.connectors import build_connector
 from model.lm import MiniMindLM
 from model.loss import n_targets, token_loss_sum
 from model.pretrained import load_lm
 from model.projector import Projector
-from model.summary import VideoSummary
 
 
 def splice_video_tokens(embeddings: Tensor, is_placeholder: Tensor, video_tokens: Tensor) -> Tensor:
@@ -45,13 +46,14 @@ def splice_video_tokens(embeddings: Tensor, is_placeholder: Tensor, video_tokens
 
 
 class VideoLM(nn.Module):
-    """The video chat model. Submodules ``lm``, ``summary`` and ``projector`` can be frozen by name."""
+    """The video chat model. Submodules ``lm``, ``summary`` (the connector of ``cfg.summary.kind``)
+    and ``projector`` can be frozen by name."""
 
     def __init__(self, cfg: VideoLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.lm = MiniMindLM(cfg.lm)
-        self.summary = VideoSummary(cfg.summary)
+        self.summary = build_connector(cfg.summary)  # (B, F, T, D) -> (B, n_video_tokens, D)
         self.projector = Projector(cfg.projector, cfg.summary.vision_dim, cfg.lm.dim)
 
     def load_lm(self, path: str | Path) -> None:

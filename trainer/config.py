@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from model import CheckpointError, LMConfig, ProjectorConfig, SummaryConfig, VideoLMConfig, lm_preset, read_lm_config
+from model.config import QUERY_KINDS, SUMMARY_KINDS, MoEConfig
 from pipeline.storage import is_url
 from trainer.errors import TrainerError
 from trainer.features import FEATURE_CACHES
@@ -35,7 +36,11 @@ PATH_SETTINGS = ("manifest", "out", "init_lm", "init_from", "tokenizer")
 # config.json without the key was trained with this value.
 SETTINGS_BEFORE_THEY_EXISTED = {"lm_lr_ratio": 1.0, "text_only_fraction": 0.0}
 MODEL_FLAGS = ("preset", "init_lm", "tokenizer", "video_token", "summary", "queries", "summary_layers",
-               "summary_heads", "combine", "token_mlp", "projector", "vocab_size")
+               "summary_heads", "combine", "token_mlp", "projector", "vocab_size", "concat_tokens", "pool_stride",
+               "moe", "experts", "experts_per_token", "shared_expert", "aux_loss_alpha")
+# the --summary kinds each connector flag applies to (a flag given with another kind is refused)
+CONNECTOR_FLAGS = {**dict.fromkeys(("queries", "summary_layers", "summary_heads", "combine", "token_mlp"), QUERY_KINDS),
+                   "concat_tokens": ("concat",), "pool_stride": ("pool",)}
 
 
 @dataclass
@@ -53,13 +58,20 @@ class TrainConfig:
     tokenizer: Path | None = None
     vocab_size: int | None = None  # of a tokenizer trained here (default 6400)
     video_token: str | None = None  # default <|video|>
-    summary: str | None = None  # full | cinego
+    summary: str | None = None  # full | cinego | mean | concat | vchatgpt | pool
     queries: int | None = None  # per query set
     summary_layers: int | None = None
     summary_heads: int | None = None
     combine: str | None = None  # sum | concat
     token_mlp: bool | None = None  # a per-token MLP before the VideoSummary's queries (default off)
+    concat_tokens: int | None = None  # --summary concat: tokens per frame, 1 (CLS) or m*m (default 1)
+    pool_stride: int | None = None  # --summary pool: pooling window and stride (default 2)
     projector: str | None = None  # linear | mlp
+    moe: bool | None = None  # MiniMind's mixture-of-experts LM (default dense; an --init-lm MoE file is one)
+    experts: int | None = None  # routed experts per layer (default 4)
+    experts_per_token: int | None = None  # top-k of the routing (default 2)
+    shared_expert: bool | None = None  # an always-on shared expert beside the routed ones (default on)
+    aux_loss_alpha: float | None = None  # weight of each layer's load-balancing loss (default 0.1)
     system: str | None = None  # system prompt of the chat template
     max_len: int = 1024  # tokens per sample, video placeholders included
     # schedule
@@ -138,7 +150,7 @@ def model_config(cfg: TrainConfig, tok: ChatTokenizer, store: StoreInfo, source:
         model_cfg = VideoLMConfig.from_dict(source["model"])
         if model_cfg.video_token_id != tok.video_id:
             raise TrainerError(f"the tokenizer's video token id {tok.video_id} is not the model's {model_cfg.video_token_id}")
-        return model_cfg
+        return _check_connector(cfg, model_cfg, store)
     try:
         if cfg.init_lm is not None:
             lm: LMConfig = read_lm_config(cfg.init_lm)
@@ -151,12 +163,22 @@ def model_config(cfg: TrainConfig, tok: ChatTokenizer, store: StoreInfo, source:
                 )
         else:
             lm = lm_preset(cfg.preset or DEFAULT_PRESET, vocab_size=tok.vocab_size)
+        lm = _with_moe(cfg, lm)
         kind = cfg.summary or "full"
-        if kind not in ("full", "cinego"):
-            raise TrainerError(f"--summary must be full or cinego, got {kind!r}")
-        base = SummaryConfig.cinego(store.width) if kind == "cinego" else SummaryConfig(vision_dim=store.width)
+        if kind not in SUMMARY_KINDS:
+            raise TrainerError(f"--summary must be one of {', '.join(SUMMARY_KINDS)}, got {kind!r}")
+        misplaced = ["--" + flag.replace("_", "-") for flag, kinds in CONNECTOR_FLAGS.items()
+                     if getattr(cfg, flag) is not None and kind not in kinds]
+        if misplaced:
+            raise TrainerError(f"--summary {kind} does not take {', '.join(misplaced)}")
+        if kind in QUERY_KINDS:
+            base = SummaryConfig.cinego(store.width) if kind == "cinego" else SummaryConfig(vision_dim=store.width)
+        else:  # the pooling kinds count their tokens for the store's exact F and T
+            base = SummaryConfig(kind=kind, vision_dim=store.width, n_frames=store.frames,  # type: ignore[arg-type]
+                                 tokens_per_frame=store.tokens_per_frame)
         overrides = {"n_queries": cfg.queries, "n_layers": cfg.summary_layers, "n_heads": cfg.summary_heads,
-                     "combine": cfg.combine, "token_mlp": cfg.token_mlp}
+                     "combine": cfg.combine, "token_mlp": cfg.token_mlp, "concat_tokens": cfg.concat_tokens,
+                     "pool_stride": cfg.pool_stride}
         summary = dataclasses.replace(base, n_frames=store.frames, **{k: v for k, v in overrides.items() if v is not None})
         projector = ProjectorConfig(kind=cfg.projector or "mlp")  # type: ignore[arg-type]
         model_cfg = VideoLMConfig(lm=lm, summary=summary, projector=projector, video_token_id=tok.video_id)
@@ -168,4 +190,43 @@ def model_config(cfg: TrainConfig, tok: ChatTokenizer, store: StoreInfo, source:
         raise TrainerError(f"--max-len {cfg.max_len} exceeds the LM's max_seq_len {lm.max_seq_len}")
     if model_cfg.n_video_tokens >= cfg.max_len:
         raise TrainerError(f"--max-len {cfg.max_len} leaves no room after {model_cfg.n_video_tokens} video tokens")
+    return _check_connector(cfg, model_cfg, store)
+
+
+def _check_connector(cfg: TrainConfig, model_cfg: VideoLMConfig, store: StoreInfo) -> VideoLMConfig:
+    """A query-free connector counts its tokens for exactly the store's F and T, and a weightless
+    one (mean, concat, vchatgpt; pool without its frame table) cannot be the only part trained."""
+    summary = model_cfg.summary
+    if summary.kind not in QUERY_KINDS:
+        built = (summary.n_frames, summary.tokens_per_frame or store.tokens_per_frame)
+        if built != (store.frames, store.tokens_per_frame):
+            raise TrainerError(f"the --summary {summary.kind} connector is built for {built[0]} frames of {built[1]} "
+                               f"tokens; the store has {store.frames} of {store.tokens_per_frame}")
+        weightless = summary.kind != "pool" or not summary.use_frame_pos
+        if weightless and set(cfg.train_parts) == {"summary"}:
+            raise TrainerError(f"--summary {summary.kind} has no weights: --train needs projector or lm too")
     return model_cfg
+
+
+def _with_moe(cfg: TrainConfig, lm: LMConfig) -> LMConfig:
+    """``lm`` with --moe and its settings: MiniMind's experts on a preset, or the routing settings
+    changed on an --init-lm MoE checkpoint (whose experts are weights: their number and the shared
+    one are the file's)."""
+    settings = {"n_experts": cfg.experts, "experts_per_token": cfg.experts_per_token,
+                "shared_expert": cfg.shared_expert, "aux_loss_alpha": cfg.aux_loss_alpha}
+    given = {k: v for k, v in settings.items() if v is not None}
+    flags = {"n_experts": "--experts", "experts_per_token": "--experts-per-token",
+             "shared_expert": "--shared-expert", "aux_loss_alpha": "--aux-loss-alpha"}
+    if lm.moe is not None:
+        for name in ("n_experts", "shared_expert"):
+            if name in given and given[name] != getattr(lm.moe, name):
+                raise TrainerError(f"--init-lm {cfg.init_lm} has {lm.moe.n_experts} experts "
+                                   f"and {'a' if lm.moe.shared_expert else 'no'} shared expert: drop {flags[name]}")
+        return dataclasses.replace(lm, moe=dataclasses.replace(lm.moe, **given))
+    if cfg.moe and cfg.init_lm is not None:
+        raise TrainerError(f"--moe: --init-lm {cfg.init_lm} is a dense LM (MiniMind mixture-of-experts files load as such)")
+    if not cfg.moe:
+        if given:
+            raise TrainerError(f"{', '.join(flags[k] for k in given)} need --moe (a mixture-of-experts LM)")
+        return lm
+    return dataclasses.replace(lm, moe=MoEConfig(**given))

@@ -9,7 +9,10 @@
 - with ``labels`` (a ``labels.json``, below): ``by_type``, the accuracy per question type, with
   the chance level of a uniform guess among that type's answers seen in the labels file beside it;
 - ``ablate``: ``zero-video`` replaces the video features by zeros, ``no-video`` drops the video
-  placeholders from the prompts (a text-only model); both for the loss and the answers.
+  placeholders from the prompts (a text-only model); both for the loss and the answers;
+- with a mixture-of-experts LM, ``expert_load``: per layer, the share of the routed choices
+  (top-k of every real token of the loss's forward) that went to each expert (each row sums to
+  1; an even load is 1/experts each).
 
 A labels file names, for each video, its closed-form answer per question type and the question
 that asks it (the types and their answers are the corpus's own; nothing here knows them)::
@@ -65,8 +68,11 @@ def validation_loss(
     batch_size: int,
     device: torch.device,
     ablate: str | None = None,
+    expert_counts: torch.Tensor | None = None,
 ) -> float:
-    """Token-weighted mean next-token loss over ``examples`` (nan when there are none)."""
+    """Token-weighted mean next-token loss over ``examples`` (nan when there are none).
+    ``expert_counts`` (MoE layers, experts), if given, gets the routing of every real token added
+    (`MiniMindLM.expert_counts`)."""
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
     for start in range(0, len(order), batch_size):
@@ -76,6 +82,8 @@ def validation_loss(
         with autocast(device):
             logits, _ = model(batch.input_ids, video=video)
             total += float(token_loss_sum(logits, batch.labels))
+        if expert_counts is not None:
+            expert_counts += model.lm.expert_counts(batch.attention_mask).to(expert_counts.device)
         count += batch.n_target_tokens
     return total / count if count else float("nan")
 
@@ -203,7 +211,9 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.max_samples is not None:
         data.items = data.items[: cfg.max_samples]
     features = make_features("disk", store.path, [], device)
-    val_loss = validation_loss(model, data.items, features, tok.pad_id, cfg.batch_size, device, cfg.ablate)
+    moe = model.cfg.lm.moe
+    counts = torch.zeros(len(model.lm.moe_layers()), moe.n_experts, dtype=torch.long) if moe is not None else None
+    val_loss = validation_loss(model, data.items, features, tok.pad_id, cfg.batch_size, device, cfg.ablate, counts)
 
     questions = []
     for index, example in enumerate(data.items):
@@ -228,6 +238,9 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "answers": len(questions),
         "accuracy": sum(right) / len(right) if right else None,
     }
+    if counts is not None:
+        shares = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        report["expert_load"] = [[round(share, 4) for share in layer] for layer in shares.tolist()]
     if labels is not None:
         report["by_type"] = _by_type(questions, answers, labels)
     report["examples"] = [
@@ -277,22 +290,36 @@ def _by_type(questions: Sequence[Question], answers: Sequence[str], labels: Labe
 def accuracy_table(cfg: EvalConfig, compare: Sequence[Path] = ()) -> str:
     """A Markdown table of accuracy by question type (needs ``cfg.labels``): the run as trained,
     with its video features zeroed and with no video at all, then each run of ``compare`` (e.g.
-    the `cinego` summary trained with the same budget), beside the chance level."""
+    the `cinego` summary trained with the same budget), beside the chance level. Below it, for
+    each run (as trained) whose LM is a mixture of experts, a table of its expert load per layer."""
     if cfg.labels is None:
         raise TrainerError("the accuracy table needs --labels")
-    columns: dict[str, dict[str, Any]] = {}
+    reports: dict[str, dict[str, Any]] = {}
     for ablate in (None, "zero-video", "no-video"):
         name = f"{cfg.run.name}" + (f" ({ablate})" if ablate else "")
-        columns[name] = evaluate(dataclasses.replace(cfg, ablate=ablate))["by_type"]
+        reports[name] = evaluate(dataclasses.replace(cfg, ablate=ablate))
     for run in compare:
-        columns[Path(run).name] = evaluate(dataclasses.replace(cfg, run=Path(run), ablate=None))["by_type"]
+        reports[Path(run).name] = evaluate(dataclasses.replace(cfg, run=Path(run), ablate=None))
+    columns = {name: report["by_type"] for name, report in reports.items()}
     first = next(iter(columns.values()))
     lines = ["| question type | n | chance | " + " | ".join(columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
     for qtype, stats in first.items():
         cells = [_percent(columns[c][qtype]["accuracy"]) for c in columns]
         lines.append(f"| {qtype} | {stats['n']} | {stats['chance']:.0%} | " + " | ".join(cells) + " |")
+    for name, report in reports.items():
+        if "expert_load" in report and report["ablate"] is None:
+            lines += ["", *expert_load_table(name, report["expert_load"])]
     return "\n".join(lines)
+
+
+def expert_load_table(run: str, load: Sequence[Sequence[float]]) -> list[str]:
+    """Markdown lines: the share of the routed choices each expert got, one row per layer."""
+    n_experts = len(load[0]) if load else 0
+    lines = [f"| {run}: expert load | " + " | ".join(f"expert {e}" for e in range(n_experts)) + " |",
+             "|---|" + "---|" * n_experts]
+    lines += [f"| layer {i} | " + " | ".join(f"{share:.0%}" for share in layer) + " |" for i, layer in enumerate(load)]
+    return lines
 
 
 def _percent(share: float | None) -> str:

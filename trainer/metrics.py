@@ -1,8 +1,10 @@
 """Training metrics: ``RUN/metrics.jsonl`` (one JSON object per line) and ``RUN/loss.png``.
 
 Lines with a ``loss`` are optimizer steps (``step``, ``epoch``, ``loss``, ``lr``, ``grad_norm``,
-``tokens``, ``tokens_per_s``, ``elapsed_s``); lines with a ``val_loss`` are evaluations. A resumed
-run first drops the lines written after its checkpoint, so the file always tells one history.
+``tokens``, ``tokens_per_s``, ``elapsed_s``; with a mixture-of-experts LM also ``aux_loss``, the
+load-balancing loss the update minimised on top of ``loss``); lines with a ``val_loss`` are
+evaluations. A resumed run first drops the lines written after its checkpoint, so the file
+always tells one history.
 
 ``loss.png`` (matplotlib, redrawn while the run goes): the training loss as logged, a smoothing
 of it that keeps up with it (`smooth`: a centred window, so no lag behind a falling loss), the

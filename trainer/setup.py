@@ -154,6 +154,9 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     optimizer = make_optimizer(trainable, cfg, device)
     log.info("model: %.2fM parameters, %.2fM trainable (%s)", sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for _, p in trainable) / 1e6, ",".join(cfg.train_parts))
+    if (moe := model_cfg.lm.moe) is not None:
+        log.info("LM: mixture of experts, %d per layer, top-%d%s, balance loss x %g", moe.n_experts,
+                 moe.experts_per_token, " + a shared expert" if moe.shared_expert else "", moe.aux_loss_alpha)
 
     state = TrainState()
     if resume_ckpt is not None:

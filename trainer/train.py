@@ -9,7 +9,11 @@ a resumed run continues bit for bit.
 
 The loss of an optimizer step is the mean next-token loss over every labelled token of the
 global batch (all micro-batches of all ranks), so one process with batch 2B, one with batch B
-and two accumulation steps, and two processes with batch B all compute the same update.
+and two accumulation steps, and two processes with batch B all compute the same update. A
+mixture-of-experts LM adds, as MiniMind does, its load-balancing loss summed over layers (each
+layer's already weighted by aux_loss_alpha) and averaged over the sequences of the global batch
+(not while the LM is frozen: it trains the routers only); metrics.jsonl then logs it as
+``aux_loss`` beside ``loss``, which stays the next-token loss.
 
 Nothing here decodes a video or imports CLIP: features come from the store (`trainer.features`).
 """
@@ -20,6 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -91,7 +96,8 @@ def _loop(cfg: TrainConfig, run: Run, dist: Dist, started: float) -> float | Non
                 micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
                 lr = lr_at(state.step, cfg, run.total)
                 at_boundary = False
-                last_loss, grad_norm, n_tokens = optimizer_step(run.net, micro, run.optimizer, run.params, lr, cfg.clip, dist, device)
+                stats = train_step(run.net, micro, run.optimizer, run.params, lr, cfg.clip, dist, device)
+                last_loss, n_tokens = stats.loss, stats.tokens
                 state.step, state.loss, state.epoch = state.step + 1, last_loss, (state.step + 1) // spe
                 at_boundary = True
                 tokens_seen += n_tokens
@@ -99,8 +105,9 @@ def _loop(cfg: TrainConfig, run: Run, dist: Dist, started: float) -> float | Non
                 rate = tokens_seen / max(now - window_start, 1e-9)
                 if dist.is_main:
                     if state.step % cfg.log_every == 0 or state.step == stop_at:
+                        moe_fields = {} if stats.aux_loss is None else {"aux_loss": stats.aux_loss}
                         run.metrics.append({
-                            "step": state.step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                            "step": state.step, "epoch": epoch, "loss": last_loss, **moe_fields, "lr": lr, "grad_norm": stats.grad_norm,
                             "tokens": int(n_tokens), "tokens_per_s": round(rate, 1), "elapsed_s": round(now - started, 3),
                         })
                     bar.update(1)
@@ -132,29 +139,60 @@ def _loop(cfg: TrainConfig, run: Run, dist: Dist, started: float) -> float | Non
     return last_loss
 
 
-def optimizer_step(net: nn.Module, micro: list, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float,
-          clip: float, dist: Dist, device: torch.device) -> tuple[float, float, float]:
-    """One optimizer step over this rank's micro-batches: (global mean loss, gradient norm,
-    global input tokens). Every labelled token of the global batch weighs the same: each
-    micro-batch's loss sum is divided by the global token count (times the world size, which
-    DDP's gradient averaging divides out again)."""
-    n_target, n_tokens = dist.sum([sum(b.n_target_tokens for b in micro), sum(float(b.attention_mask.sum()) for b in micro)])
-    scale = dist.world / max(n_target, 1.0)
+class StepStats(NamedTuple):
+    loss: float  # the global mean next-token loss
+    grad_norm: float
+    tokens: float  # global input tokens
+    aux_loss: float | None  # a mixture-of-experts LM's load-balancing loss (global mean per sequence)
+
+
+def train_step(net: nn.Module, micro: list, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float,
+               clip: float, dist: Dist, device: torch.device) -> StepStats:
+    """One optimizer step over this rank's micro-batches. Every labelled token of the global
+    batch weighs the same: each micro-batch's loss sum is divided by the global token count
+    (times the world size, which DDP's gradient averaging divides out again); a mixture of
+    experts' balance loss likewise weighs every sequence of the global batch the same."""
+    lm = _unwrapped(net).lm
+    moe = bool(lm.moe_layers())
+    # the balance loss trains the routers; with them frozen it would only bend the video tokens
+    balance = moe and any(layer.gate.weight.requires_grad for layer in lm.moe_layers())
+    n_target, n_tokens, n_seqs = dist.sum([sum(b.n_target_tokens for b in micro), sum(float(b.attention_mask.sum()) for b in micro),
+                                           sum(len(b.input_ids) for b in micro)])
+    scale, aux_scale = dist.world / max(n_target, 1.0), dist.world / max(n_seqs, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    aux_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or not dist.enabled  # DDP all-reduces on the last micro-batch only
         with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
             logits, _ = net(batch.input_ids, video=batch.video)
             part = token_loss_sum(logits, batch.labels)
-        (part * scale).backward()
+            objective = part * scale
+            if moe:
+                aux = lm.aux_loss_sum(batch.attention_mask)
+                objective = objective + aux * aux_scale if balance else objective
+                aux_sum += aux.detach().double()
+        objective.backward()
         loss_sum += part.detach().double()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    (total_loss,) = dist.sum([loss_sum.item()])
-    return total_loss / max(n_target, 1.0), float(grad_norm), n_tokens
+    total_loss, total_aux = dist.sum([loss_sum.item(), aux_sum.item()])
+    return StepStats(total_loss / max(n_target, 1.0), float(grad_norm), n_tokens, total_aux / max(n_seqs, 1.0) if moe else None)
+
+
+def optimizer_step(net: nn.Module, micro: list, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float,
+                   clip: float, dist: Dist, device: torch.device) -> tuple[float, float, float]:
+    """`train_step`, as (global mean loss, gradient norm, global input tokens)."""
+    stats = train_step(net, micro, optimizer, params, lr, clip, dist, device)
+    return stats.loss, stats.grad_norm, stats.tokens
+
+
+def _unwrapped(net: nn.Module) -> nn.Module:
+    """The model inside a torch.compile and/or DDP wrapper."""
+    net = getattr(net, "_orig_mod", net)
+    return getattr(net, "module", net)
 
 
 def _evaluate(cfg: TrainConfig, run: Run, dist: Dist) -> None:
