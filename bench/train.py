@@ -2,7 +2,7 @@
 in memory (the limit) and Cinego's way, side by side.
 
 What it measures. Optimizer steps per second and samples per second of the project's own
-training step (`trainer.train.optimizer_step`: forward, the trainer's token loss, backward,
+training step (`trainer.train.train_step`: forward, the trainer's token loss, backward,
 gradient clipping, the trainer's AdamW with its parameter groups) on the same model
 (`trainer.config.model_config`: exactly what `run_train.py train --preset P` builds for this store and
 tokenizer), the same batch size and the same samples in the same order (`trainer.batching.BatchPlan`,
@@ -47,7 +47,7 @@ elsewhere on the machine hits all rows alike: in a round each row runs `lead` un
 (the DataLoader's prefetch depth, 4 per worker: a row whose workers kept reading while the
 others ran starts its turn with a full queue, and the lead-in drains that head start) and then
 `--steps` timed ones. A step is what the trainer's loop does: the next batch, `.to(device)`,
-`optimizer_step` (which ends with the loss's `.item()`, a device sync); the clock is `time.perf_counter`
+`train_step` (which ends with the loss's `.item()`, a device sync); the clock is `time.perf_counter`
 around the timed steps. A row's rate is its timed steps over their summed time; the JSON keeps
 each round's rate. A ratio is the median over rounds of the two rows' rates in that round (the
 rows of a round run back to back, so a burst of load from elsewhere skews a pair less often
@@ -423,15 +423,15 @@ class Runner:
 
     def run(self, n: int) -> float:
         """Seconds for the next ``n`` steps, each as the trainer's loop does it: the next batch,
-        to the device, `optimizer_step` (which ends with the loss's `.item()`, a device sync)."""
-        from trainer.train import optimizer_step
+        to the device, `train_step` (which ends with the loss's `.item()`, a device sync)."""
+        from trainer.train import train_step
 
         start = time.perf_counter()
         for _ in range(n):
             batch = next(self.batches).to(self.device)
-            loss, _, _ = optimizer_step(self.model, [batch], self.optimizer, self.params, self.cfg.lr, self.cfg.clip,
+            stats = train_step(self.model, [batch], self.optimizer, self.params, self.cfg.lr, self.cfg.clip,
                                self.dist, self.device)
-            self.losses.append(loss)
+            self.losses.append(stats.loss)
         return time.perf_counter() - start
 
     def close(self) -> None:

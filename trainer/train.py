@@ -24,8 +24,8 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -180,13 +180,6 @@ def train_step(net: nn.Module, micro: list, optimizer: torch.optim.Optimizer, pa
     optimizer.zero_grad(set_to_none=True)
     total_loss, total_aux = dist.sum([loss_sum.item(), aux_sum.item()])
     return StepStats(total_loss / max(n_target, 1.0), float(grad_norm), n_tokens, total_aux / max(n_seqs, 1.0) if moe else None)
-
-
-def optimizer_step(net: nn.Module, micro: list, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float,
-                   clip: float, dist: Dist, device: torch.device) -> tuple[float, float, float]:
-    """`train_step`, as (global mean loss, gradient norm, global input tokens)."""
-    stats = train_step(net, micro, optimizer, params, lr, clip, dist, device)
-    return stats.loss, stats.grad_norm, stats.tokens
 
 
 def _unwrapped(net: nn.Module) -> nn.Module:
