@@ -22,7 +22,7 @@ from typing import Callable
 def cmd_demo_corpus(args: argparse.Namespace) -> None:
     from manifests.demo_corpus import make_demo_corpus
 
-    make_demo_corpus(args.out, n_videos=args.videos, seed=args.seed, workers=args.workers)  # logs its own summary
+    make_demo_corpus(args.out, n_videos=args.videos, seed=args.seed, workers=args.workers, pairs=args.pairs)  # logs its own summary
 
 
 def _config(cls: type, args: argparse.Namespace) -> object:
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and DIR/labels.json (each video's colour, shape, direction, size, fps, frames).")
     p.add_argument("--out", type=Path, required=True, help="folder to write the corpus into")
     p.add_argument("--videos", type=int, default=96, help="number of videos (default: 96)")
+    p.add_argument("--pairs", action="store_true",
+                   help="also DIR/pairs.json: a two-video question per video (LLaVA format, \"video\": [a, b]), "
+                        "labelled in labels.json as \"a+b\"")
     p.add_argument("--seed", type=int, default=0, help="random seed; the corpus is a function of it (default: 0)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="processes writing videos; the corpus does not depend on it (default: one per usable CPU core)")

@@ -146,17 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, help=THREADS_HELP)
     e.add_argument("--table", action="store_true",
                    help="with --labels: a Markdown table of accuracy by type for the run, its zero-video and "
-                        "no-video ablations and each --compare run, instead of JSON")
+                        "no-video ablations and each --compare run, instead of JSON; with --compare, rows of each "
+                        "run's connector, video tokens per video and training samples/s follow")
     e.add_argument("--compare", type=Path, nargs="*", default=[], metavar="RUN",
-                   help="other runs for the --table (e.g. the cinego summary trained with the same budget)")
+                   help="other runs for the --table, one or several (e.g. other connectors trained with the same "
+                        "budget)")
     _add_verbose(e)
 
-    c = sub.add_parser("chat", help="ask a trained run about a video (streams the answer)")
+    c = sub.add_parser("chat", help="ask a trained run about a video or several (streams the answer)")
     c.add_argument("--run", type=Path, required=True, help="run directory")
-    c.add_argument("--video", type=Path, help="a video file (encoded as the run's store was)")
+    c.add_argument("--video", type=Path, action="append",
+                   help="a video file (encoded as the run's store was); repeat it to ask about several videos at once")
     c.add_argument("--store", metavar="PATH_OR_URL",
                    help="feature store holding the video (with --row): a path or an fsspec URL")
-    c.add_argument("--row", type=int, help="a row of --store")
+    c.add_argument("--row", type=int, action="append", help="a row of --store; repeat it for several videos")
     c.add_argument("--question", help="one question; without it the chat is interactive")
     _add_generation(c)
     _add_verbose(c)
@@ -232,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"run {result.run}: step {result.step}/{result.total_steps}, loss {loss}, val loss {val}, "
                   f"{result.seconds:.0f} s, checkpoint {result.checkpoint}")
     elif args.command == "eval":
-        from trainer.evaluate import EvalConfig, accuracy_table, evaluate
+        from trainer.eval_table import accuracy_table
+        from trainer.evaluate import EvalConfig, evaluate
 
         cfg = _config(EvalConfig, args)
         if args.table:

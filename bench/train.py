@@ -235,8 +235,9 @@ class CinegoDataset(Dataset):
         ids[:n], labels[:n] = e.input_ids, e.labels
         mask = np.zeros(self.max_len, dtype=bool)
         mask[:n] = True
-        video = torch.tensor(np.load(self.folder / f"{e.row:06d}.npy"), dtype=torch.float32)
-        return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(mask), video, e.row
+        (row,) = e.rows  # the bench's samples are about one video each
+        video = torch.tensor(np.load(self.folder / f"{row:06d}.npy"), dtype=torch.float32)
+        return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(mask), video, row
 
 
 def cinego_model(cfg):  # noqa: ANN001, ANN201
@@ -244,7 +245,7 @@ def cinego_model(cfg):  # noqa: ANN001, ANN201
     from model import VideoLM
 
     class CinegoVideoLM(VideoLM):
-        def embed(self, input_ids, video, attention_mask=None):  # noqa: ANN001, ANN201
+        def embed(self, input_ids, video, attention_mask=None, video_counts=None):  # noqa: ANN001, ANN201
             h = self.lm.tok_embeddings(input_ids)
             if video is None:
                 return h
@@ -405,7 +406,7 @@ class Runner:
 
             def cinego_batches():  # noqa: ANN202
                 for ids, labels, mask, video, rows in self.loader:
-                    yield Batch(ids, labels, mask, video, torch.as_tensor(rows))
+                    yield Batch(ids, labels, mask, video, torch.as_tensor(rows), torch.ones(len(rows), dtype=torch.long))
 
             self.batches = cinego_batches()
         else:

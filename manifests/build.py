@@ -29,6 +29,7 @@ from manifests.manifest import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     ManifestError,
+    Sample,
     VideoEntry,
     cheap_fingerprint,
     entry_record,
@@ -237,7 +238,8 @@ def build_manifest(cfg: ManifestConfig) -> ManifestSummary:
     refused: set[str] = set()
     by_video: dict[str, list[Record]] = {}
     for r in records:
-        by_video.setdefault(video_id_of(r.video_ref), []).append(r)
+        for ref in dict.fromkeys(r.video_refs):
+            by_video.setdefault(video_id_of(ref), []).append(r)
     for vid, recs in by_video.items():
         if vid in known:
             continue
@@ -278,12 +280,12 @@ def build_manifest(cfg: ManifestConfig) -> ManifestSummary:
     seen: set[str] = set()
     new_sample_lines: list[str] = []
     for r in records:
-        vid = video_id_of(r.video_ref)
-        if vid not in taken:
+        sample = Sample(tuple(video_id_of(ref) for ref in r.video_refs), r.conversations)
+        if not taken.issuperset(sample.video_ids):
             continue
-        line = jsonl_line({"video_id": vid, "conversations": r.conversations})
+        line = jsonl_line(sample.record())
         if line in seen:
-            problems.append(Problem("duplicate_record", "same conversation as an earlier record", index=r.index, video_id=vid))
+            problems.append(Problem("duplicate_record", "same conversation as an earlier record", index=r.index, video_id=sample.key))
             continue
         seen.add(line)
         if line not in in_manifest:

@@ -12,6 +12,10 @@ what the trained model is later tested on.
                                  one its instructions ask, "answer": "red" ...}}}  (what
                                  `run_train.py eval --labels` reads; sizes, rates and lengths
                                  are in `plan_videos(n_videos, seed)`)
+    OUT/pairs.json              with `pairs`: a question about two videos for every video, "Do
+                                 the two objects move the same way?", in the LLaVA format
+                                 (`"video": [a, b]`), half of them "yes"; labels.json then also
+                                 names each pair, "a+b": {"same direction": {...}}
 Everything is a function of the seed, the mp4 bytes included (x264 runs single-threaded and
 without its macroblock-tree rate control, whose output depended on uninitialised memory).
 """
@@ -48,6 +52,9 @@ OBJECT_SIZE = 0.5  # the object's side as a fraction of the frame's shorter side
 NOISY_SUFFIX = "\nQA_GT_caption_based_noisy"
 
 DESCRIBE_QUESTIONS = ("Describe the video.", "What happens in this video?")
+PAIR_TYPE = "same direction"
+PAIR_QUESTIONS = ("Do the two objects move the same way?", "Do the objects in the two videos move in the same direction?")
+PAIR_ANSWERS = {"yes": "Yes, they do.", "no": "No, they do not."}
 
 
 @dataclass(frozen=True)
@@ -182,9 +189,35 @@ def instructions_for(video: DemoVideo, index: int) -> list[dict[str, str]]:
     return [{"q": q, "a": a, "video_id": video.video_id} for q, a in records]
 
 
-def make_demo_corpus(out: Path, n_videos: int = 96, seed: int = 0, workers: int = 1) -> list[DemoVideo]:
+def plan_pairs(videos: list[DemoVideo], seed: int) -> list[tuple[int, int, bool]]:
+    """(i, j, same direction) for every video i: the even-numbered ones with a partner j moving
+    the same way, the odd-numbered ones with one moving another way (chosen by the seed), so the
+    answer is "yes" half the time. A video with no such partner gets no pair."""
+    rng = np.random.default_rng([seed, 2])
+    pairs = []
+    for i, video in enumerate(videos):
+        same = i % 2 == 0
+        partners = [j for j, other in enumerate(videos) if j != i and (other.direction == video.direction) == same]
+        if partners:
+            pairs.append((i, partners[rng.integers(len(partners))], same))
+    return pairs
+
+
+def pair_records(videos: list[DemoVideo], pairs: list[tuple[int, int, bool]]) -> tuple[list[dict], dict]:
+    """pairs.json's LLaVA records and their labels.json entries."""
+    records, labels = [], {}
+    for n, (i, j, same) in enumerate(pairs):
+        a, b = videos[i].video_id, videos[j].video_id
+        question, answer = PAIR_QUESTIONS[n % 2], "yes" if same else "no"
+        records.append({"id": f"pair_{n}", "video": [f"{a}.mp4", f"{b}.mp4"], "conversations": [
+            {"from": "human", "value": f"<video>\n<video>\n{question}"}, {"from": "gpt", "value": PAIR_ANSWERS[answer]}]})
+        labels[f"{a}+{b}"] = {PAIR_TYPE: {"question": question, "answer": answer}}
+    return records, labels
+
+
+def make_demo_corpus(out: Path, n_videos: int = 96, seed: int = 0, workers: int = 1, pairs: bool = False) -> list[DemoVideo]:
     """Write the demo corpus under `out` (see the module docstring) with `workers` processes and
-    return its plan. Each video is a function of the seed and its id alone, so the corpus does not
+    return its plan; `pairs` also writes the two-video questions. Each video is a function of the seed and its id alone, so the corpus does not
     depend on the number of workers. The writers are always fresh (spawned) processes: in a process
     that imported decord before PyAV, PyAV runs on decord's own FFmpeg build, whose x264 writes
     other bytes."""
@@ -211,6 +244,10 @@ def make_demo_corpus(out: Path, n_videos: int = 96, seed: int = 0, workers: int 
         records += instructions_for(video, index)
         labels[video.video_id] = labels_for(video, index)
     (out / "instructions.json").write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if pairs:
+        two, pair_labels = pair_records(videos, plan_pairs(videos, seed))
+        (out / "pairs.json").write_text(json.dumps(two, indent=1) + "\n", encoding="utf-8")
+        labels.update(pair_labels)
     (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
     log.info("demo corpus: %d videos, %d instructions in %s", len(videos), len(records), out)
     return videos

@@ -9,6 +9,12 @@ Either may be a JSON list or JSON Lines. Every conversation comes out in one nor
 `<video>` marker (wherever it stood, and LLaVA's `<image>`) removed and put back as a
 `<video>\\n` prefix of the first user turn; VideoInstruct's `\\nQA_GT_caption_based_noisy`-style
 suffixes stripped. Records that cannot be taken are returned as problems, never raised.
+
+A LLaVA record may name several videos or images (`"video": ["a.mp4", "b.mp4"]`, as LLaVA's
+interleaved data and MiniMind-V's multi-image samples do). Its conversation then needs one marker
+per video, in the order of the list, and the markers stay where they stand (each normalised to
+`<video>` on a line of its own): "the first video" is the first marker's. A record with no
+marker at all gets them as a prefix of its first user turn; any other count is a problem.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class Record:
     """One conversation read from an instruction file, before its video is looked up."""
 
     index: int  # position in the input file (record or line number, from 0)
-    video_ref: str  # the id or file name the record names
+    video_refs: tuple[str, ...]  # the ids or file names the record names, in marker order
     conversations: list[dict[str, str]]
 
 
@@ -51,6 +57,21 @@ class Problem:
 def clean_text(text: str) -> str:
     """Strip the video marker and VideoInstruct's noisy-caption suffix."""
     return _NOISY_SUFFIX.sub("", MARKER_PATTERN.sub(" ", text)).strip()
+
+
+def marked_text(text: str) -> str:
+    """`clean_text` that keeps each marker where it stands, as `<video>` on a line of its own
+    (the normal form of a turn of a several-video conversation)."""
+    first, *rest = (clean_text(piece) for piece in MARKER_PATTERN.split(text))
+    lines = [first] if first else []
+    for piece in rest:
+        lines += [VIDEO_MARKER, piece] if piece else [VIDEO_MARKER]
+    return "\n".join(lines)
+
+
+def count_markers(conversation: list[dict[str, str]]) -> int:
+    """How many `<video>` / `<image>` markers the turns hold."""
+    return sum(len(MARKER_PATTERN.findall(turn["content"])) for turn in conversation)
 
 
 def video_id_of(ref: str) -> str:
@@ -109,27 +130,41 @@ def _from_videoinstruct(index: int, raw: dict[str, Any]) -> Record | Problem:
     if not q or not a:
         return Problem("empty_text", "empty question" if not q else "empty answer", index=index, video_id=video)
     turns = [{"role": "user", "content": f"{VIDEO_MARKER}\n{q}"}, {"role": "assistant", "content": a}]
-    return Record(index, video, turns)
+    return Record(index, (video,), turns)
+
+
+def _video_refs(raw: dict[str, Any]) -> list[str]:
+    """The video (or image) names a LLaVA record gives: one string, or a list of them."""
+    named = raw.get("video") or raw.get("image") or raw.get("video_id") or ""
+    names = named if isinstance(named, list) else [named]
+    return [str(name) for name in names if isinstance(name, str) and name]
 
 
 def _from_llava(index: int, raw: dict[str, Any]) -> Record | Problem:
-    video = str(raw.get("video") or raw.get("video_id") or "")
+    refs = _video_refs(raw)
+    video = refs[0] if refs else ""
     turns_in = raw.get("conversations")
-    if not video:
+    if not refs:
         return Problem("bad_conversation", "record has no video", index=index)
     if not isinstance(turns_in, list) or not turns_in or len(turns_in) % 2:
         return Problem("bad_conversation", "conversations must be user/assistant pairs", index=index, video_id=video)
+    several = len(refs) > 1
     turns = []
     for position, turn in enumerate(turns_in):
         role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower()) if isinstance(turn, dict) else None
         if role != ("user" if position % 2 == 0 else "assistant"):
             return Problem("bad_conversation", f"turn {position} is not a {'user' if position % 2 == 0 else 'assistant'} turn", index=index, video_id=video)
-        content = clean_text(str(turn.get("value", turn.get("content", "")) or ""))
-        if not content:
+        raw_text = str(turn.get("value", turn.get("content", "")) or "")
+        content = (marked_text if several else clean_text)(raw_text)
+        if not clean_text(content):
             return Problem("empty_text", f"empty {'question' if role == 'user' else 'answer'} in turn {position}", index=index, video_id=video)
         turns.append({"role": role, "content": content})
-    turns[0]["content"] = f"{VIDEO_MARKER}\n{turns[0]['content']}"
-    return Record(index, video, turns)
+    markers = count_markers(turns)
+    if several and markers not in (0, len(refs)):
+        return Problem("bad_conversation", f"{len(refs)} videos but {markers} <video>/<image> markers", index=index, video_id=video)
+    if not several or not markers:
+        turns[0]["content"] = f"{VIDEO_MARKER}\n" * len(refs) + turns[0]["content"]
+    return Record(index, tuple(refs), turns)
 
 
 def read_instructions(path: Path, fmt: str = "auto") -> tuple[list[Record], list[Problem], str]:

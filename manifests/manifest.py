@@ -51,10 +51,29 @@ class VideoEntry:
 
 @dataclass(frozen=True)
 class Sample:
-    """One conversation about one video (samples.jsonl)."""
+    """One conversation (a line of samples.jsonl) about one video, `{"video_id": id, ...}`, or
+    about several, `{"video_ids": [id, ...], ...}` in the order of its `<video>` markers."""
 
-    video_id: str
+    video_ids: tuple[str, ...]
     conversations: list[dict[str, str]]  # [{"role": "user"|"assistant", "content": str}, ...]
+
+    @property
+    def key(self) -> str:
+        """The video id, or the ids joined by "+" (how a labels file names the conversation's videos)."""
+        return "+".join(self.video_ids)
+
+    def record(self) -> dict[str, Any]:
+        """The samples.jsonl line's fields (a one-video sample's line is as it always was)."""
+        ids = {"video_id": self.video_ids[0]} if len(self.video_ids) == 1 else {"video_ids": list(self.video_ids)}
+        return {**ids, "conversations": self.conversations}
+
+    def split(self, videos: dict[str, VideoEntry]) -> str | None:
+        """"val" when any of its videos is in the validation split (a val video is never trained
+        on), else "train"; None when a video is not in `videos` (id -> row)."""
+        entries = [videos.get(vid) for vid in self.video_ids]
+        if any(e is None for e in entries):
+            return None
+        return "val" if any(e.split == "val" for e in entries) else "train"  # type: ignore[union-attr]
 
 
 @dataclass
@@ -84,7 +103,7 @@ class Manifest:
     def samples(self) -> Iterator[Sample]:
         """Stream samples.jsonl (it can hold ~100k conversations; not kept in memory)."""
         for rec in read_jsonl(self.dir / "samples.jsonl"):
-            yield Sample(rec["video_id"], rec["conversations"])
+            yield Sample(tuple(rec["video_ids"]) if "video_ids" in rec else (rec["video_id"],), rec["conversations"])
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

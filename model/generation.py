@@ -62,12 +62,14 @@ def stream_generate(
     video: Tensor | None = None,
     gen: GenerationConfig = GenerationConfig(),
     generator: torch.Generator | None = None,
+    video_counts: Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token of every prompt, (B,) long, one step at a time.
 
-    prompts: B token-id lists (each with its placeholder run if it has a video);
-    video: (B, F, T, D) or None. A sample that met a stop token yields `STOPPED` from then on;
-    the iteration ends when all samples stopped or after ``gen.max_new_tokens`` steps.
+    prompts: B token-id lists (each with a placeholder run per video it has); video: (V, F, T, D)
+    or None, the videos of prompt 0, then of prompt 1, ...; video_counts: (B,) videos per prompt
+    (None: one each). A sample that met a stop token yields `STOPPED` from then on; the iteration
+    ends when all samples stopped or after ``gen.max_new_tokens`` steps.
     """
     if not prompts or not all(prompts):
         raise ValueError("generation needs at least one prompt and no empty prompt")
@@ -79,7 +81,7 @@ def stream_generate(
             f"prompt ({P}) + max_new_tokens ({gen.max_new_tokens}) exceed the model's "
             f"max_seq_len {model.cfg.lm.max_seq_len}"
         )
-    embeddings = model.embed(ids, video, mask)
+    embeddings = model.embed(ids, video, mask, None if video_counts is None else video_counts.to(device))
     cache = KVCache(model.cfg.lm, B, P + gen.max_new_tokens, device, embeddings.dtype)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P), real tokens from 0
     logits = model.lm(embeddings=embeddings, attention_mask=mask, positions=positions, cache=cache)
@@ -103,10 +105,11 @@ def stream_generate(
 
 
 def generate(model: VideoLM, prompts: Sequence[Sequence[int]], video: Tensor | None = None,
-             gen: GenerationConfig = GenerationConfig(), generator: torch.Generator | None = None) -> list[list[int]]:
+             gen: GenerationConfig = GenerationConfig(), generator: torch.Generator | None = None,
+             video_counts: Tensor | None = None) -> list[list[int]]:
     """The new tokens of every prompt (without the stop token); `stream_generate`'s arguments."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in stream_generate(model, prompts, video, gen, generator):
+    for step in stream_generate(model, prompts, video, gen, generator, video_counts):
         for out, token in zip(outputs, step.tolist()):
             if token != STOPPED:
                 out.append(token)

@@ -1,9 +1,11 @@
 """VideoLM: connector (the VideoSummary or a `model.connectors` kind) -> projector -> video tokens
 spliced into the prompt -> MiniMind LM.
 
-A prompt carries its video as one run of ``cfg.n_video_tokens`` consecutive ``video_token_id``
-placeholder tokens; the projected connector tokens replace that run, in order. A sample without a
-placeholder run is text-only (its video row, if any, is ignored), and ``video=None`` means no
+A prompt carries each of its videos as one run of ``cfg.n_video_tokens`` consecutive
+``video_token_id`` placeholder tokens; the projected connector tokens of its k-th video replace
+its k-th run, in order. The videos of a batch come as one (V, F, T, D) tensor, sample after
+sample, with ``video_counts`` (B,) saying how many each sample has (None: one each). A sample
+without placeholders is text-only (its videos, if any, are ignored), and ``video=None`` means no
 sample has a video: placeholders then keep their own token embedding.
 
 Batches are right-padded for training (``forward``); generation left-pads (see
@@ -26,22 +28,29 @@ from model.pretrained import load_lm
 from model.projector import Projector
 
 
-def splice_video_tokens(embeddings: Tensor, is_placeholder: Tensor, video_tokens: Tensor) -> Tensor:
-    """Replace each sample's placeholder positions by its video tokens, in order.
+def splice_video_tokens(
+    embeddings: Tensor, is_placeholder: Tensor, video_tokens: Tensor, video_counts: Tensor | None = None
+) -> Tensor:
+    """Replace each sample's placeholder positions by its videos' tokens, in order.
 
-    embeddings: (B, L, dim); is_placeholder: (B, L) bool, each row holds 0 or N True;
-    video_tokens: (B, N, dim). Returns (B, L, dim).
+    embeddings: (B, L, dim); video_tokens: (V, N, dim), the videos of sample 0, then of sample 1,
+    ...; video_counts: (B,) videos per sample (None: one each, V = B); is_placeholder: (B, L)
+    bool, each row holds 0 or video_counts * N True. Returns (B, L, dim).
     """
-    n_tokens = video_tokens.shape[1]
+    V, N, dim = video_tokens.shape
+    if video_counts is None:
+        video_counts = torch.ones(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
     counts = is_placeholder.sum(dim=1)  # (B,)
-    if not ((counts == 0) | (counts == n_tokens)).all():
+    if not ((counts == 0) | (counts == video_counts * N)).all():
         raise ValueError(
-            f"each prompt needs 0 or exactly {n_tokens} video placeholder tokens; "
-            f"got {sorted(set(counts.tolist()))}"
+            f"each prompt needs 0 or exactly {N} video placeholder tokens per video; got "
+            f"{counts.tolist()} placeholders for {video_counts.tolist()} videos"
         )
-    # k-th placeholder of a row takes video token k; other positions gather a dummy row 0
-    slot = (is_placeholder.cumsum(dim=1) - 1).clamp(0, n_tokens - 1)  # (B, L)
-    gathered = video_tokens.gather(1, slot[..., None].expand(-1, -1, video_tokens.shape[2]))
+    # the k-th placeholder of sample b takes flat video token (its first video) * N + k; other
+    # positions gather a dummy token 0
+    first = (video_counts.cumsum(dim=0) - video_counts) * N  # (B,)
+    slot = (first[:, None] + is_placeholder.cumsum(dim=1) - 1).clamp(0, V * N - 1)  # (B, L)
+    gathered = video_tokens.reshape(V * N, dim).index_select(0, slot.flatten()).view(*slot.shape, dim)  # (B, L, dim)
     return torch.where(is_placeholder[..., None], gathered.to(embeddings.dtype), embeddings)
 
 
@@ -61,11 +70,13 @@ class VideoLM(nn.Module):
         load_lm(self.lm, path)
 
     def embed(
-        self, input_ids: Tensor, video: Tensor | None, attention_mask: Tensor | None = None
+        self, input_ids: Tensor, video: Tensor | None, attention_mask: Tensor | None = None,
+        video_counts: Tensor | None = None,
     ) -> Tensor:
-        """Token embeddings (B, L, dim) with each placeholder run replaced by the video's tokens.
+        """Token embeddings (B, L, dim) with each placeholder run replaced by its video's tokens.
 
-        video: (B, F, T, D) frame tokens, any float dtype (cast to the model's), or None.
+        video: (V, F, T, D) frame tokens, any float dtype (cast to the model's), or None;
+        video_counts: (B,) videos per sample (None: one each, V = B).
         attention_mask: (B, L), 0/False on padding, so that a pad id equal to the placeholder
         id is not taken for a placeholder.
         """
@@ -76,8 +87,8 @@ class VideoLM(nn.Module):
         if attention_mask is not None:
             is_placeholder &= attention_mask.bool()
         video = video.to(self.lm.tok_embeddings.weight.dtype)
-        video_tokens = self.projector(self.summary(video))  # (B, N, dim)
-        return splice_video_tokens(embeddings, is_placeholder, video_tokens)
+        video_tokens = self.projector(self.summary(video))  # (V, N, dim)
+        return splice_video_tokens(embeddings, is_placeholder, video_tokens, video_counts)
 
     def forward(
         self,
@@ -85,14 +96,16 @@ class VideoLM(nn.Module):
         attention_mask: Tensor | None = None,
         video: Tensor | None = None,
         labels: Tensor | None = None,
+        video_counts: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, L, V) and the mean next-token loss over labelled positions (or None).
+        """Logits (B, L, vocab) and the mean next-token loss over labelled positions (or None).
 
         input_ids: (B, L) long, right-padded; attention_mask: (B, L), 0/False on padding;
-        video: (B, F, T, D) or None; labels: (B, L) long aligned with input_ids (labels[:, t] is
-        the token at position t), IGNORE where no loss is wanted (`model.loss`).
+        video: (V, F, T, D) or None, video_counts (B,) as in `embed`; labels: (B, L) long aligned
+        with input_ids (labels[:, t] is the token at position t), IGNORE where no loss is wanted
+        (`model.loss`).
         """
-        embeddings = self.embed(input_ids, video, attention_mask)
+        embeddings = self.embed(input_ids, video, attention_mask, video_counts)
         # Causality already hides right padding from real positions, so the LM gets no mask
         # and runs SDPA's fused causal kernel (padded positions must carry label -100).
         logits = self.lm(embeddings=embeddings)

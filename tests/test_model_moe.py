@@ -34,7 +34,8 @@ from trainer.batching import Batch
 from trainer.config import TrainConfig, model_config
 from trainer.distributed import Dist
 from trainer.errors import TrainerError
-from trainer.evaluate import EvalConfig, accuracy_table, evaluate
+from trainer.eval_table import accuracy_table
+from trainer.evaluate import EvalConfig, evaluate
 from trainer.examples import build_examples
 from trainer.features import make_features
 from trainer.run import load_run, read_run_config
@@ -308,7 +309,7 @@ def _batch(lengths: list[int], seed: int) -> Batch:
     ids[:, 1:3] = 1  # the two video placeholders
     mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
     labels = torch.where(mask & (torch.arange(L) >= 4), ids, torch.tensor(-100))
-    return Batch(ids * mask, labels, mask, torch.randn(B, 2, 3, 16, generator=g), torch.arange(B))
+    return Batch(ids * mask, labels, mask, torch.randn(B, 2, 3, 16, generator=g), torch.arange(B), torch.ones(B, dtype=torch.long))
 
 
 def _sgd_step(model: VideoLM, micro: list[Batch]):
@@ -363,7 +364,7 @@ def test_the_update_minimises_token_loss_plus_minimind_aux_loss():
 def _pad(batch: Batch, length: int) -> Batch:
     extra = length - batch.input_ids.shape[1]
     return Batch(F.pad(batch.input_ids, (0, extra)), F.pad(batch.labels, (0, extra), value=-100),
-                 F.pad(batch.attention_mask, (0, extra)), batch.video, batch.rows)
+                 F.pad(batch.attention_mask, (0, extra)), batch.video, batch.rows, batch.video_counts)
 
 
 # --- the flags ------------------------------------------------------------------------------------
@@ -485,7 +486,7 @@ def _expected_load(run: Path, manifest: Path) -> list[list[float]]:
     features = make_features("disk", store.path, [], torch.device("cpu"))
     with torch.no_grad():
         for example in data.items:
-            model(torch.as_tensor(example.input_ids, dtype=torch.long)[None], video=features.fetch([example.row]))
+            model(torch.as_tensor(example.input_ids, dtype=torch.long)[None], video=features.fetch(list(example.rows)))
     assert len({len(e.input_ids) for e in data.items}) > 1  # eval's batches are padded
     return (counts / counts.sum(1, keepdims=True)).tolist()
 

@@ -9,6 +9,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -144,6 +145,27 @@ def test_chat_about_a_file_reads_the_features_the_store_holds_for_it(extracted):
         assert torch.equal(session.video[0].cpu(), torch.from_numpy(tokens[row])), name
 
 
+def test_chat_about_two_files_takes_them_in_the_order_given(extracted, capsys):
+    (first, row_a), (second, row_b) = sorted(extracted["rows"].items())[:2]
+    files = [extracted["videos"] / second, extracted["videos"] / first]
+    tokens = zarr.open_group(str(extracted["store"]), mode="r")["tokens"]
+    session = open_chat(ChatConfig(run=extracted["run"], video=files, threads=1))
+    assert torch.equal(session.video.cpu(), torch.from_numpy(np.stack([tokens[row_b], tokens[row_a]])))
+    question = "Do the two objects move the same way?"
+    code, out, err = cli("chat", "--run", str(extracted["run"]), "--video", str(files[0]), "--video", str(files[1]),
+                         "--question", question, "--max-new-tokens", "6", "--threads", "1", capsys=capsys)
+    assert code == 0, err
+    # the same greedy answer as generation on a prompt with two runs, the stored rows in that order
+    loaded = load_run(extracted["run"], torch.device("cpu"))
+    prompt = loaded.tok.encode_prompt([{"role": "user", "content": "<video>\n<video>\n" + question}],
+                                      loaded.model.cfg.n_video_tokens)
+    assert prompt.count(loaded.tok.video_id) == 2 * loaded.model.cfg.n_video_tokens
+    video = torch.from_numpy(np.stack([tokens[row_b], tokens[row_a]]))
+    (ids,) = generate(loaded.model, [prompt], video, GenerationConfig(max_new_tokens=6, stop_ids=loaded.tok.stop_ids),
+                      video_counts=torch.tensor([2]))
+    assert ids and out.strip() == loaded.tok.decode(ids).strip()
+
+
 def _describe_argv(extracted: dict, *extra: str) -> list[str]:
     """describe with sampling (seeded per file): a 2-step model's greedy answer is often empty."""
     return ["describe", "--run", str(extracted["run"]), "--videos", str(extracted["videos"]), "--question", QUESTION,
@@ -160,7 +182,8 @@ def test_describe_loads_the_tower_once_and_answers_as_the_store_rows_do(extracte
 
     class Session(chat_module.ChatSession):
         def __init__(self, loaded, video, *args):
-            videos.append(video)
+            (one,) = video  # describe asks about one video at a time
+            videos.append(one)
             super().__init__(loaded, video, *args)
 
     monkeypatch.setattr(chat_module, "ChatSession", Session)

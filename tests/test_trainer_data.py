@@ -34,7 +34,7 @@ def corpus(tmp_path_factory) -> dict:
 def test_rows_that_are_not_ok_are_skipped_and_counted(corpus):
     manifest, store, tok = corpus["manifest"], corpus["store"], corpus["tok"]
     split = {v.row: v.split for v in manifest.videos}
-    per_row = Counter(manifest.videos[[v.video_id for v in manifest.videos].index(s.video_id)].row for s in manifest.samples())
+    per_row = Counter(manifest.videos[[v.video_id for v in manifest.videos].index(s.key)].row for s in manifest.samples())
     for name in ("train", "val"):
         ex = build_examples(manifest, store, tok, name, n_video_tokens=4, max_len=128)
         ok_rows = [r for r in per_row if split[r] == name and r not in (1, 2)]
@@ -44,7 +44,7 @@ def test_rows_that_are_not_ok_are_skipped_and_counted(corpus):
             if split[row] == name:
                 expected_skips[why] = per_row[row]
         assert ex.skipped == expected_skips
-        assert {e.row for e in ex.items} == set(ok_rows)
+        assert {e.rows for e in ex.items} == {(row,) for row in ok_rows}
         for e in ex.items:  # every sample holds one placeholder run and learns something
             assert (e.input_ids == tok.video_id).sum() == 4
             assert (e.labels != IGNORE).any()
@@ -71,7 +71,7 @@ def test_text_only_copies_drop_the_video_and_keep_the_answers(corpus):
     by_sample = {e.sample: e for e in with_video}
     for copy in copies:
         original = by_sample[copy.sample]
-        assert copy.row == original.row and not (copy.input_ids == tok.video_id).any()
+        assert copy.rows == original.rows and not (copy.input_ids == tok.video_id).any()
         # the same text once the placeholder run and the line break after it are gone, the same answers learnt
         ids = original.input_ids.tolist()
         start, gap = ids.index(tok.video_id), 4 + len(tok.encode_text("\n"))

@@ -13,7 +13,8 @@ import torch
 from manifests.manifest import load_manifest
 from trainer.config import TrainConfig
 from trainer.errors import TrainerError
-from trainer.evaluate import EvalConfig, accuracy_table, evaluate, label_correct, normalise, read_labels
+from trainer.eval_table import accuracy_table
+from trainer.evaluate import EvalConfig, evaluate, label_correct, normalise, read_labels
 from trainer.run import load_run
 from trainer.train import train
 from trainer_helpers import COLOURS, SHAPES, make_manifest, make_store, tiny_train_args
@@ -67,7 +68,7 @@ def known_model(setup, monkeypatch):
     """`trainer.evaluate.generate` replaced by `_known_answer`, given each prompt's last question."""
     tok = load_run(setup["run"], torch.device("cpu")).tok
 
-    def generate(model, prompts, video, gen):
+    def generate(model, prompts, video, gen, video_counts=None):
         answers = []
         for i, prompt in enumerate(prompts):
             *_, user, assistant = [j for j, t in enumerate(prompt) if t == tok.im_start_id]  # the last two turns
@@ -87,7 +88,7 @@ def _expected(manifest_dir: Path, ablate: str | None) -> dict:
     right, answers = 0, 0
     by_type = {kind: [] for kind in ("colour", "shape", "motion")}
     for sample in manifest.samples():
-        if sample.video_id not in rows:
+        if sample.key not in rows:
             continue
         turns = sample.conversations
         for question, reference in zip(turns[::2], turns[1::2]):
@@ -95,11 +96,11 @@ def _expected(manifest_dir: Path, ablate: str | None) -> dict:
             if "shape" in question:
                 named = "circle"
             else:
-                named = {None: COLOURS[rows[sample.video_id] % 4], "zero-video": COLOURS[0], "no-video": None}[ablate]
+                named = {None: COLOURS[rows[sample.key] % 4], "zero-video": COLOURS[0], "no-video": None}[ablate]
             answer = "It is a circle, I think." if "shape" in question else f"The object is {named}." if named else "I cannot see it."
             answers += 1
             right += answer.lower() == reference["content"].lower()
-            for kind, label in labels[sample.video_id].items():
+            for kind, label in labels[sample.key].items():
                 if label["question"] == question:
                     by_type[kind].append(named == label["answer"])
     values = {kind: {v[kind]["answer"] for v in labels.values()} for kind in by_type}
@@ -143,7 +144,7 @@ def test_accuracy_table_prints_each_column(setup, known_model):
 def test_the_real_model_reports_loss_answers_and_ablations(setup):
     manifest = load_manifest(setup["manifest"])
     val_ids = {v.video_id for v in manifest.videos if v.split == "val"}
-    val_samples = [s for s in manifest.samples() if s.video_id in val_ids]
+    val_samples = [s for s in manifest.samples() if s.key in val_ids]
     report = evaluate(EvalConfig(run=setup["run"], labels=setup["labels"], threads=1, max_new_tokens=4))
     assert report["samples"] == len(val_samples) and report["examples"][0]["reference"]
     assert list(report["by_type"]) == ["colour", "shape", "motion"]

@@ -7,7 +7,8 @@
   m of rank r taking slice ``m * world + r``. This is the distributed sampler, reshuffled per
   epoch; a resumed run continues at any step with no other state.
 - `make_batch` pads to the longest sample of the micro-batch (right padding) and fetches the
-  features of its rows (`trainer.features`).
+  features of its rows (`trainer.features`): every video of every sample, in sample order, with
+  how many each sample has, so a conversation about several videos is one more row or two.
 - `BatchStream` yields them: DataLoader worker processes for ``disk`` features, the main process
   for cached ones. Workers use the ``forkserver`` (or ``spawn``) start method, never ``fork``:
   zarr 3 runs an event-loop thread that a forked child would inherit in a broken state.
@@ -37,8 +38,9 @@ class Batch:
     input_ids: Tensor  # (B, L) long
     labels: Tensor  # (B, L) long, IGNORE on padding and prompts
     attention_mask: Tensor  # (B, L) bool, False on padding
-    video: Tensor  # (B, F, T, D) float16
-    rows: Tensor  # (B,) store rows
+    video: Tensor  # (V, F, T, D) float16, the videos of sample 0, then of sample 1, ...
+    rows: Tensor  # (V,) store rows
+    video_counts: Tensor  # (B,) long, videos per sample (V = their sum)
 
     def pin_memory(self) -> Batch:
         return Batch(*(t.pin_memory() for t in self._tensors()))
@@ -48,7 +50,7 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()))
 
     def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.input_ids, self.labels, self.attention_mask, self.video, self.rows)
+        return (self.input_ids, self.labels, self.attention_mask, self.video, self.rows, self.video_counts)
 
     @property
     def n_target_tokens(self) -> int:
@@ -67,9 +69,10 @@ def make_batch(examples: Sequence[Example], features: Features | None, pad_id: i
         ids[i, :n] = torch.from_numpy(e.input_ids)
         labels[i, :n] = torch.from_numpy(e.labels)
         mask[i, :n] = True
-    rows = [e.row for e in examples]
+    rows = [row for e in examples for row in e.rows]
     video = features.fetch(rows) if features is not None else torch.empty(len(rows), 0, dtype=torch.float16)
-    return Batch(ids, labels, mask, video, torch.tensor(rows, dtype=torch.long))
+    counts = torch.tensor([len(e.rows) for e in examples], dtype=torch.long)
+    return Batch(ids, labels, mask, video, torch.tensor(rows, dtype=torch.long), counts)
 
 
 class BatchDataset(Dataset):

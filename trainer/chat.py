@@ -1,7 +1,7 @@
-"""Chatting with a trained run about one video, and describing a folder of videos.
+"""Chatting with a trained run about one video or several, and describing a folder of videos.
 
-The video comes from the feature store (``store`` + ``row``: no decoding at all) or from a
-video file, which is decoded and encoded exactly as the run's store was made (encoder spec,
+The videos come from the feature store (``store`` + ``row``: no decoding at all) or from
+video files (``video``; either may name several, asked about in the order given), each which is decoded and encoded exactly as the run's store was made (encoder spec,
 frames, sampling, layer) by `FileFeatures`: the store's encoder, loaded once per command
 (`pipeline.extract.FileEncoder`: decord and open_clip imported only then, Ray never).
 A conversation is multi-turn: each question is asked with the earlier questions and answers in
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,11 +113,13 @@ class FileFeatures:
 
 
 class ChatSession:
-    """A multi-turn conversation about one video (``video`` None: text only)."""
+    """A multi-turn conversation about some videos, each (F, T, D) (none: text only). The first
+    question opens with one `<video>` marker per video, as a several-video sample of the manifest."""
 
-    def __init__(self, loaded: LoadedRun, video: Tensor | None, gen: GenerationConfig, seed: int = 0) -> None:
+    def __init__(self, loaded: LoadedRun, videos: Sequence[Tensor], gen: GenerationConfig, seed: int = 0) -> None:
         self.loaded = loaded
-        self.video = None if video is None else video[None].to(loaded.device)  # (1, F, T, D)
+        self.video = torch.stack(list(videos)).to(loaded.device) if videos else None  # (V, F, T, D)
+        self.video_counts = torch.tensor([len(videos)])
         self.gen = gen
         self.generator = torch.Generator(device=loaded.device).manual_seed(seed)
         self.history: list[dict[str, str]] = []
@@ -127,7 +129,8 @@ class ChatSession:
         question = question.strip()
         if not question:
             raise TrainerError("empty question")
-        content = (VIDEO_PREFIX if self.video is not None and not self.history else "") + question
+        markers = 0 if self.video is None or self.history else len(self.video)
+        content = VIDEO_PREFIX * markers + question
         turns = self.history + [{"role": "user", "content": content}]
         n_video = self.loaded.model.cfg.n_video_tokens if self.video is not None else 0
         tok = self.loaded.tok
@@ -139,7 +142,7 @@ class ChatSession:
         ids: list[int] = []
         shown = ""
         with autocast(self.loaded.device):
-            for step in stream_generate(self.loaded.model, [prompt], self.video, gen, self.generator):
+            for step in stream_generate(self.loaded.model, [prompt], self.video, gen, self.generator, self.video_counts):
                 token = int(step[0])
                 if token == STOPPED:
                     break
@@ -161,35 +164,42 @@ class ChatSession:
 
 @dataclass(kw_only=True)
 class ChatConfig(GenerationFlags):
-    """`run_train.py chat`: ``video`` or ``store`` + ``row``; ``question`` None = interactive."""
+    """`run_train.py chat`: ``video`` or ``store`` + ``row`` (one, or a list: a conversation about
+    several videos); ``question`` None = interactive."""
 
     run: Path
-    video: Path | None = None
+    video: Path | Sequence[Path] | None = None
     store: Path | str | None = None  # a path or an fsspec URL
-    row: int | None = None
+    row: int | Sequence[int] | None = None
     question: str | None = None
     device: str | None = None
 
 
+def _several(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def open_chat(cfg: ChatConfig) -> ChatSession:
-    if cfg.video is None and (cfg.store is None or cfg.row is None):
+    files, rows = [Path(f).expanduser() for f in _several(cfg.video)], _several(cfg.row)
+    if not files and (cfg.store is None or not rows):
         raise TrainerError("chat needs --video FILE, or --store STORE and --row N")
-    if cfg.video is not None and cfg.row is not None:
+    if files and rows:
         raise TrainerError("give --video or --row, not both")
-    if cfg.video is not None and not Path(cfg.video).expanduser().is_file():
-        raise TrainerError(f"no such video file: {cfg.video}")
+    if missing := next((f for f in files if not f.is_file()), None):
+        raise TrainerError(f"no such video file: {missing}")
     loaded = load_run(cfg.run, pick_device(cfg.device))
     gen = cfg.generation_config(loaded.tok.stop_ids)
-    if cfg.video is not None:
+    if files:
         attrs = None
         if cfg.store is not None:
             store = open_store(cfg.store)
             check_same_signature(loaded.store_signature, store, f"run {cfg.run}")
             attrs = store.attrs
-        video = FileFeatures(loaded, attrs)(Path(cfg.video).expanduser())
+        encode = FileFeatures(loaded, attrs)
+        videos = [encode(f) for f in files]
     else:
-        video = store_features(loaded, cfg.store, cfg.row)  # type: ignore[arg-type]
-    return ChatSession(loaded, video, gen, cfg.seed)
+        videos = [store_features(loaded, cfg.store, row) for row in rows]  # type: ignore[arg-type]
+    return ChatSession(loaded, videos, gen, cfg.seed)
 
 
 def chat(
@@ -270,7 +280,7 @@ def _describe(cfg: DescribeConfig, on_answer: Callable[[str, str], None] | None)
             answer = f"(could not read: {err})"
             log.warning("%s: %s", path.name, answer)
         else:
-            answer = ChatSession(loaded, video, gen, cfg.seed).answer(cfg.question)
+            answer = ChatSession(loaded, [video], gen, cfg.seed).answer(cfg.question)
         rows.append((path.name, answer))
         if on_answer is not None:
             on_answer(path.name, answer)

@@ -19,8 +19,10 @@ that asks it (the types and their answers are the corpus's own; nothing here kno
 
     {"v_abc": {"count": {"question": "How many people are there?", "answer": "two"},
                "place": {"question": "Is it indoors or outdoors?", "answer": "outdoors"}},
-     "v_def": {...}}
+     "v_def": {...},
+     "v_abc+v_def": {"same": {"question": "Do they show the same place?", "answer": "no"}}}
 
+(a conversation about several videos is named by their ids joined by "+", in marker order).
 A generated answer to a question the manifest asks of that video (compared after normalisation)
 counts for the type; it is right when, of all the answers the type has in the file, it names
 exactly the labelled one (whole words, after normalisation). Questions no label names are left out.
@@ -32,7 +34,6 @@ import json
 import re
 import string
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def validation_loss(
         batch = make_batch(chunk, None if ablate == "no-video" else features, pad_id).to(device)
         video = _video(batch.video, ablate)
         with autocast(device):
-            logits, _ = model(batch.input_ids, video=video)
+            logits, _ = model(batch.input_ids, video=video, video_counts=batch.video_counts)
             total += float(token_loss_sum(logits, batch.labels))
         if expert_counts is not None:
             expert_counts += model.lm.expert_counts(batch.attention_mask).to(expert_counts.device)
@@ -169,8 +170,8 @@ class EvalConfig:
 @dataclass
 class Question:
     example: int  # index into the examples
-    video_id: str
-    row: int
+    video_id: str  # `Sample.key`: the ids joined by "+" for several videos
+    rows: tuple[int, ...]
     question: str
     reference: str
     prompt: list[int]
@@ -223,7 +224,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 history = conversation[:turn]
                 prompt = tok.encode_prompt(history, n_video, loaded.system)
                 question = clean_text(history[-1]["content"])
-                questions.append(Question(index, video_id, example.row, question, message["content"], prompt))
+                questions.append(Question(index, video_id, example.rows, question, message["content"], prompt))
     answers = _answer_all(model, tok, questions, features, cfg, device)
 
     right = [normalise(a) == normalise(q.reference) for q, a in zip(questions, answers)]
@@ -257,11 +258,11 @@ def _answer_all(model: Any, tok: Any, questions: Sequence[Question], features: F
     order = sorted(range(len(questions)), key=lambda i: (len(questions[i].prompt), i))
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start : start + cfg.batch_size]
-        video = None
+        video, counts = None, torch.tensor([len(questions[i].rows) for i in chunk])
         if cfg.ablate != "no-video":
-            video = _video(features.fetch([questions[i].row for i in chunk]).to(device), cfg.ablate)
+            video = _video(features.fetch([row for i in chunk for row in questions[i].rows]).to(device), cfg.ablate)
         with autocast(device):
-            outputs = generate(model, [questions[i].prompt for i in chunk], video, gen)
+            outputs = generate(model, [questions[i].prompt for i in chunk], video, gen, video_counts=counts)
         for i, ids in zip(chunk, outputs):
             answers[i] = tok.decode(ids).strip()
     return answers
@@ -283,44 +284,3 @@ def _by_type(questions: Sequence[Question], answers: Sequence[str], labels: Labe
         for kind, right in hits.items()
     }
 
-
-# --- the comparison table ------------------------------------------------------------------------
-
-
-def accuracy_table(cfg: EvalConfig, compare: Sequence[Path] = ()) -> str:
-    """A Markdown table of accuracy by question type (needs ``cfg.labels``): the run as trained,
-    with its video features zeroed and with no video at all, then each run of ``compare`` (e.g.
-    the `cinego` summary trained with the same budget), beside the chance level. Below it, for
-    each run (as trained) whose LM is a mixture of experts, a table of its expert load per layer."""
-    if cfg.labels is None:
-        raise TrainerError("the accuracy table needs --labels")
-    reports: dict[str, dict[str, Any]] = {}
-    for ablate in (None, "zero-video", "no-video"):
-        name = f"{cfg.run.name}" + (f" ({ablate})" if ablate else "")
-        reports[name] = evaluate(dataclasses.replace(cfg, ablate=ablate))
-    for run in compare:
-        reports[Path(run).name] = evaluate(dataclasses.replace(cfg, run=Path(run), ablate=None))
-    columns = {name: report["by_type"] for name, report in reports.items()}
-    first = next(iter(columns.values()))
-    lines = ["| question type | n | chance | " + " | ".join(columns) + " |",
-             "|---|---|---|" + "---|" * len(columns)]
-    for qtype, stats in first.items():
-        cells = [_percent(columns[c][qtype]["accuracy"]) for c in columns]
-        lines.append(f"| {qtype} | {stats['n']} | {stats['chance']:.0%} | " + " | ".join(cells) + " |")
-    for name, report in reports.items():
-        if "expert_load" in report and report["ablate"] is None:
-            lines += ["", *expert_load_table(name, report["expert_load"])]
-    return "\n".join(lines)
-
-
-def expert_load_table(run: str, load: Sequence[Sequence[float]]) -> list[str]:
-    """Markdown lines: the share of the routed choices each expert got, one row per layer."""
-    n_experts = len(load[0]) if load else 0
-    lines = [f"| {run}: expert load | " + " | ".join(f"expert {e}" for e in range(n_experts)) + " |",
-             "|---|" + "---|" * n_experts]
-    lines += [f"| layer {i} | " + " | ".join(f"{share:.0%}" for share in layer) + " |" for i, layer in enumerate(load)]
-    return lines
-
-
-def _percent(share: float | None) -> str:
-    return "-" if share is None else f"{share:.0%}"

@@ -21,7 +21,9 @@ The template (MiniMind's, so a MiniMind LM starts from a format it knows):
     ... more turns ...
 
 The video's ``<video>`` marker (the manifest puts it at the start of the first user turn) is
-removed from the text and the placeholder run stands at the start of that turn instead. The
+removed from the text and the placeholder run stands at the start of that turn instead. A
+conversation about several videos holds one marker per video, and each marker is replaced where
+it stands by a run and a newline: the k-th run takes the k-th video. The
 loss covers each assistant answer and the ``<|im_end|>`` that closes it, in every assistant
 turn; nothing else. Pieces are tokenised separately, so the mask boundary is exact, and text
 never turns into special tokens (``<|im_end|>`` typed by a user is plain text).
@@ -39,7 +41,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.loss import IGNORE
 from pipeline.atomic import atomic_path
-from manifests.formats import MARKER_PATTERN
+from manifests.formats import MARKER_PATTERN, count_markers
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -175,13 +177,19 @@ class ChatTokenizer:
         users = [i for i, t in enumerate(conversation) if t["role"] == "user"]
         marked = [i for i in users if MARKER_PATTERN.search(conversation[i]["content"])]
         video_turn = (marked or users or [None])[0] if n_video_tokens else None
+        several = n_video_tokens > 0 and count_markers(conversation) > 1
+        run = [self.video_id] * n_video_tokens + self._newline
         for i, turn in enumerate(conversation):
             role = turn["role"]
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-            content = self.encode_text(MARKER_PATTERN.sub(" ", turn["content"]).strip())
-            if i == video_turn:
-                content = [self.video_id] * n_video_tokens + self._newline + content
+            if several:  # a run where each marker stands
+                first, *rest = (self.encode_text(piece.strip()) for piece in MARKER_PATTERN.split(turn["content"]))
+                content = first + [t for piece in rest for t in run + piece]
+            else:
+                content = self.encode_text(MARKER_PATTERN.sub(" ", turn["content"]).strip())
+                if i == video_turn:
+                    content = run + content
             yield role, content
 
     def encode_conversation(
@@ -223,9 +231,9 @@ class TokenizerConfig:
 def training_texts(manifest: Any) -> Iterator[str]:
     """Every turn's text of the (loaded) manifest's training-split samples: what a tokenizer
     trained here learns from."""
-    train_ids = {v.video_id for v in manifest.videos if v.split == "train"}
+    videos = {v.video_id: v for v in manifest.videos}
     for sample in manifest.samples():
-        if sample.video_id in train_ids:
+        if sample.split(videos) == "train":
             yield from conversation_texts(sample.conversations)
 
 

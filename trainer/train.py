@@ -164,7 +164,7 @@ def train_step(net: nn.Module, micro: list, optimizer: torch.optim.Optimizer, pa
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or not dist.enabled  # DDP all-reduces on the last micro-batch only
         with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device):
-            logits, _ = net(batch.input_ids, video=batch.video)
+            logits, _ = net(batch.input_ids, video=batch.video, video_counts=batch.video_counts)
             part = token_loss_sum(logits, batch.labels)
             objective = part * scale
             if moe:

@@ -142,8 +142,9 @@ class WebChat:
                      for e in entries]
         self.video_ids = {e.row: e.video_id for e in entries}
         self.references: dict[str, list[list[dict[str, str]]]] = {}
-        for sample in manifest.samples():
-            self.references.setdefault(sample.video_id, []).append(sample.conversations)
+        for sample in manifest.samples():  # the page asks about one video at a time
+            if len(sample.video_ids) == 1:
+                self.references.setdefault(sample.key, []).append(sample.conversations)
         self._encoder: Any = None
         self._encoder_lock = threading.Lock()
 
@@ -200,7 +201,7 @@ class WebChat:
     def conversation(self, video: Video, seed: int = 0) -> Conversation:
         """A new conversation about ``video`` with every run (generation settings come per question)."""
         flags = GenerationFlags(max_new_tokens=self.cfg.max_new_tokens)
-        sessions = [ChatSession(loaded, video.features, flags.generation_config(loaded.tok.stop_ids), seed)
+        sessions = [ChatSession(loaded, [video.features], flags.generation_config(loaded.tok.stop_ids), seed)
                     for loaded in self.runs]
         return Conversation(video, sessions)
 
