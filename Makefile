@@ -12,7 +12,7 @@ DEMO_TRAIN := --steps $(DEMO_STEPS) --batch-size 16 --lr 2e-3 --lm-lr-ratio 0.05
 	--feature-cache ram --log-every 50 --seed 0 --threads 1
 DEMO_DATA = --manifest $(DEMO_OUT)/manifest --store $(DEMO_OUT)/store.zarr
 
-.PHONY: setup demo demo-train demo-run demo-run-cinego test clean-demo
+.PHONY: setup demo demo-train demo-run demo-run-cinego demo-pairs test clean-demo
 
 setup: $(VENV)/.installed
 
@@ -25,8 +25,6 @@ demo: setup
 	$(PY) run_extract.py demo-corpus --out $(DEMO_OUT)/corpus --videos $(DEMO_VIDEOS) --seed 0 --pairs
 	$(PY) run_extract.py manifest --instructions $(DEMO_OUT)/corpus/instructions.json \
 	    --videos $(DEMO_OUT)/corpus/videos --out $(DEMO_OUT)/manifest --val-fraction 0.1
-	$(PY) run_extract.py manifest --instructions $(DEMO_OUT)/corpus/pairs.json \
-	    --videos $(DEMO_OUT)/corpus/videos --out $(DEMO_OUT)/manifest
 	$(PY) run_extract.py extract --manifest $(DEMO_OUT)/manifest --store $(DEMO_OUT)/store.zarr \
 	    --encoder demo-tiny --pretrained none
 	$(PY) run_extract.py status --store $(DEMO_OUT)/store.zarr
@@ -34,8 +32,6 @@ demo: setup
 	$(PY) run_extract.py demo-corpus --out $(DEMO_OUT)/heldout --videos 3 --seed 1
 	$(PY) run_train.py chat --run $(DEMO_OUT)/run --video $$(ls $(DEMO_OUT)/heldout/videos/*.mp4 | head -1) \
 	    --question "What colour is the moving object?"
-	$(PY) run_train.py chat --run $(DEMO_OUT)/run $$(ls $(DEMO_OUT)/heldout/videos/*.mp4 | head -2 | sed 's/^/--video /') \
-	    --question "Do the two objects move the same way?"
 	$(PY) run_train.py describe --run $(DEMO_OUT)/run --videos $(DEMO_OUT)/heldout/videos \
 	    --question "In which direction does the object move?"
 	$(PY) run_train.py eval --run $(DEMO_OUT)/run --labels $(DEMO_OUT)/corpus/labels.json \
@@ -82,6 +78,25 @@ demo-connectors-train: $(addprefix demo-run-,$(CONNECTORS))
 $(addprefix demo-run-,$(CONNECTORS)): demo-run-%:
 	$(PY) run_train.py train $(DEMO_DATA) --out $(DEMO_OUT)/run-$* $(CONNECTOR_MODEL) --summary $* \
 	    $(CONNECTOR_FLAGS_$*) $(DEMO_TRAIN)
+
+# Issue 16: conversations about two videos, after `make demo`: its manifest grown with the corpus's
+# pairs.json (a two-video question for every other video, "Do the two objects move the same way?",
+# half "yes") into manifest-pairs/, the full model trained on it with the demo's budget (run-pairs/),
+# a two-video chat about held-out videos, and the table beside the demo's run. A target of its own:
+# with the pairs in its 3000 steps the full run lost the sign of direction (100% -> 47-49% in two
+# runs, README), and the demo has no room for a third training in its 15 minutes.
+demo-pairs: setup
+	@test -d $(DEMO_OUT)/store.zarr -a -d $(DEMO_OUT)/run || \
+	    { echo "demo-pairs: run 'make demo DEMO_OUT=$(DEMO_OUT)' first (its store and run)" >&2; exit 2; }
+	rm -rf $(DEMO_OUT)/manifest-pairs && cp -r $(DEMO_OUT)/manifest $(DEMO_OUT)/manifest-pairs
+	$(PY) run_extract.py manifest --instructions $(DEMO_OUT)/corpus/pairs.json \
+	    --videos $(DEMO_OUT)/corpus/videos --out $(DEMO_OUT)/manifest-pairs
+	$(PY) run_train.py train --manifest $(DEMO_OUT)/manifest-pairs --store $(DEMO_OUT)/store.zarr \
+	    --out $(DEMO_OUT)/run-pairs $(DEMO_MODEL) --summary-layers 2 --summary-heads 4 --combine concat $(DEMO_TRAIN)
+	$(PY) run_train.py chat --run $(DEMO_OUT)/run-pairs \
+	    $$(ls $(DEMO_OUT)/heldout/videos/*.mp4 | head -2 | sed 's/^/--video /') --question "Do the two objects move the same way?"
+	$(PY) run_train.py eval --run $(DEMO_OUT)/run-pairs --labels $(DEMO_OUT)/corpus/labels.json \
+	    --table --compare $(DEMO_OUT)/run
 
 test: setup
 	$(PY) -m pytest

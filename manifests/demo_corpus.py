@@ -12,8 +12,8 @@ what the trained model is later tested on.
                                  one its instructions ask, "answer": "red" ...}}}  (what
                                  `run_train.py eval --labels` reads; sizes, rates and lengths
                                  are in `plan_videos(n_videos, seed)`)
-    OUT/pairs.json              with `pairs`: a question about two videos for every video, "Do
-                                 the two objects move the same way?", in the LLaVA format
+    OUT/pairs.json              with `pairs`: a question about two videos for every other video,
+                                 "Do the two objects move the same way?", in the LLaVA format
                                  (`"video": [a, b]`), half of them "yes"; labels.json then also
                                  names each pair, "a+b": {"same direction": {...}}
 Everything is a function of the seed, the mp4 bytes included (x264 runs single-threaded and
@@ -190,14 +190,14 @@ def instructions_for(video: DemoVideo, index: int) -> list[dict[str, str]]:
 
 
 def plan_pairs(videos: list[DemoVideo], seed: int) -> list[tuple[int, int, bool]]:
-    """(i, j, same direction) for every video i: the even-numbered ones with a partner j moving
-    the same way, the odd-numbered ones with one moving another way (chosen by the seed), so the
-    answer is "yes" half the time. A video with no such partner gets no pair."""
+    """(i, j, same direction): pair n is opened by video i = 2n, with a partner j (chosen by the
+    seed) moving the same way for even n and another way for odd n, so the answer is "yes" half
+    the time. A video with no such partner opens no pair."""
     rng = np.random.default_rng([seed, 2])
     pairs = []
-    for i, video in enumerate(videos):
-        same = i % 2 == 0
-        partners = [j for j, other in enumerate(videos) if j != i and (other.direction == video.direction) == same]
+    for n, i in enumerate(range(0, len(videos), 2)):
+        same = n % 2 == 0
+        partners = [j for j, other in enumerate(videos) if j != i and (other.direction == videos[i].direction) == same]
         if partners:
             pairs.append((i, partners[rng.integers(len(partners))], same))
     return pairs
@@ -208,7 +208,8 @@ def pair_records(videos: list[DemoVideo], pairs: list[tuple[int, int, bool]]) ->
     records, labels = [], {}
     for n, (i, j, same) in enumerate(pairs):
         a, b = videos[i].video_id, videos[j].video_id
-        question, answer = PAIR_QUESTIONS[n % 2], "yes" if same else "no"
+        # the phrasing alternates every two pairs, the answer every pair: the words do not tell it
+        question, answer = PAIR_QUESTIONS[n // 2 % 2], "yes" if same else "no"
         records.append({"id": f"pair_{n}", "video": [f"{a}.mp4", f"{b}.mp4"], "conversations": [
             {"from": "human", "value": f"<video>\n<video>\n{question}"}, {"from": "gpt", "value": PAIR_ANSWERS[answer]}]})
         labels[f"{a}+{b}"] = {PAIR_TYPE: {"question": question, "answer": answer}}

@@ -266,11 +266,18 @@ def _failures(store: Path) -> dict[str, str]:
     return {f["video_id"]: f["reason"] for commit in commits for f in commit["failures"]}
 
 
+def _hung_timeout(distributor: dict) -> int:
+    """The decode deadline of the hang tests. A local decoder's deadline starts once its process
+    has imported its libraries (only the decode counts: 2 s is enough, see the slow-start test
+    below); a Ray decode task's starts before its worker's first `import decord`."""
+    return 8 if distributor else 4
+
+
 def test_hung_decoder_is_killed_and_recorded(tmp_path, distributor):
     """A FIFO never delivers a byte: the decoder blocks in native code until it is killed."""
     manifest = _corpus_with_fifos(tmp_path, ("fine", "hangs"), ("hangs",))
     cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
-                        frames=F, decode_timeout_s=8, **distributor)
+                        frames=F, decode_timeout_s=_hung_timeout(distributor), **distributor)
     summary = extract(cfg)
     assert (summary.ok, summary.failed) == (1, 1)
     failures = _failures(tmp_path / "s.zarr")
@@ -286,7 +293,8 @@ def test_a_healthy_video_queued_behind_hung_decoders_is_not_killed(tmp_path, dis
                                   shard_size=64 if distributor else 1)
     assert [e.video_id for e in load_manifest(manifest).videos] == ["hang_a", "hang_b", "ok_after"]  # row order
     cfg = ExtractConfig(manifest=manifest, store=tmp_path / "s.zarr", encoder="demo-tiny", pretrained="none",
-                        frames=F, decoders=2 if not distributor else 3, decode_timeout_s=8, **distributor)
+                        frames=F, decoders=2 if not distributor else 3,
+                        decode_timeout_s=_hung_timeout(distributor), **distributor)
     summary = extract(cfg)
     assert set(_failures(tmp_path / "s.zarr")) == {"hang_a", "hang_b"}
     assert (summary.ok, summary.failed) == (1, 2)
@@ -568,9 +576,10 @@ def test_a_dead_jobs_lease_holds_its_shard_only_until_it_expires(corpus, tmp_pat
     store = tmp_path / "leased.zarr"
     _extract(corpus[1]["good"], store)
     (store / "commits" / "shard-000000.json").unlink()  # a job was rewriting shard 0 ...
-    dead = ShardLease(StoreLocation(store), 0, owner="killed-job", node="gone", ttl_s=15.0)
+    # 6 s: the job below reaches shard 0 within about 2 s (it would commit there, were the lease ignored)
+    dead = ShardLease(StoreLocation(store), 0, owner="killed-job", node="gone", ttl_s=6.0)
     assert dead.acquire() is None  # ... and was SIGKILLed: nobody renews its lease
-    expiry = time.time() + 14.9
+    expiry = time.time() + 5.9
     summary = _extract(corpus[1]["good"], store)
     assert summary.shards_written == 1 and not summary.left_pending
     assert (store / "commits" / "shard-000000.json").stat().st_mtime >= expiry, "taken while its lease was live"
@@ -600,7 +609,9 @@ def test_a_full_disk_stops_the_job_with_one_line_and_a_rerun_completes(store_all
     store = small_disk / "s.zarr"
     cmd = [sys.executable, str(ROOT / "run_extract.py"), "extract", "--manifest", str(corpus[1]["all"]),
            "--store", str(store), "--encoder", "demo-tiny", "--pretrained", "none", "--frames", str(F),
-           "--batch-size", "16", "--decode-timeout", "30"]
+           "--batch-size", "16", "--decode-timeout", "30",
+           # the stopped job cannot release its lease on the full disk: it holds the shard this long
+           "--lease-expiry", "5"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and len(lines) == 1 and "No space left on device" in lines[0], done.stderr[-2000:]

@@ -221,14 +221,17 @@ def test_demo_pairs_are_balanced_and_labelled_from_the_directions(tmp_path):
     pairs = plan_pairs(videos, 0)
     records, labels = pair_records(videos, pairs)
     direction = {v.video_id: v.direction for v in videos}
-    assert [i for i, _, _ in pairs] == list(range(40))  # every video opens one pair
-    answers = []
+    assert [i for i, _, _ in pairs] == list(range(0, 40, 2))  # every other video opens a pair
+    asked = []
     for (key, entry), record in zip(labels.items(), records):
         a, b = key.split("+")
         assert record["video"] == [f"{a}.mp4", f"{b}.mp4"] and a != b
         assert entry[PAIR_TYPE]["answer"] == ("yes" if direction[a] == direction[b] else "no")
-        answers.append(entry[PAIR_TYPE]["answer"])
-    assert answers.count("yes") == answers.count("no") == 20
+        asked.append((entry[PAIR_TYPE]["question"], entry[PAIR_TYPE]["answer"]))
+    # half "yes", and each phrasing as often with either answer: the words do not give it away
+    assert [a for _, a in asked].count("yes") == 10
+    assert {combo: asked.count(combo) for combo in set(asked)} == {
+        (q, a): 5 for q in {q for q, _ in asked} for a in ("yes", "no")}
     assert set(direction.values()) == set(DIRECTIONS)
     parsed, problems, _ = read_instructions(_write(tmp_path / "pairs.json", records))
     assert not problems and all(len(r.video_refs) == 2 and r.conversations[0]["content"].count("<video>") == 2 for r in parsed)

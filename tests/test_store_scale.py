@@ -158,6 +158,14 @@ def _files(store: Path) -> dict[str, bytes]:
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
 
 
+def _same_array_objects(store_a: Path, store_b: Path, name: str) -> bool:
+    """Do the two stores hold array `name` as the same objects byte for byte (its metadata and
+    every chunk object)? Then its data are the same, without decoding 13k chunks twice; when
+    not, the caller compares the decoded arrays."""
+    files_a, files_b = _files(store_a / name), _files(store_b / name)
+    return "zarr.json" in files_a and files_a == files_b
+
+
 def _shard_files(shard: int) -> set[str]:
     """The files that hold one shard: one object per array (chunk key = shard number), its commit."""
     return {f"tokens/c/{shard}/0/0/0", f"frame_index/c/{shard}/0", f"n_frames/c/{shard}", f"status/c/{shard}",
@@ -251,7 +259,8 @@ def test_hdf5_round_trip_at_corpus_scale(scale, tmp_path):
     a, b = zarr.open_group(scale.store, mode="r"), zarr.open_group(back, mode="r")
     assert dict(a.attrs) == dict(b.attrs)
     for name in ARRAYS:
-        np.testing.assert_array_equal(a[name][:], b[name][:])
+        if not _same_array_objects(scale.store, back, name):  # else the same bytes: the same data
+            np.testing.assert_array_equal(a[name][:], b[name][:])
     np.testing.assert_array_equal(b["status"][:], scale.expected_status())
     commits = sorted(p.name for p in (scale.store / "commits").iterdir())
     assert len(commits) == N_SHARDS and sorted(p.name for p in (back / "commits").iterdir()) == commits

@@ -78,7 +78,7 @@ def killed_args(corpus: dict, moment: str) -> dict:
 def killed(corpus) -> dict[str, int]:
     """Every moment's run, killed there (one launcher for all: see `run_killed`)."""
     moments = list(KILL_MOMENTS)
-    statuses = run_killed([(m, NTH.get(m, 2), cli_args(**killed_args(corpus, m))) for m in moments])
+    statuses = run_killed([(m, NTH.get(m, 2), cli_args(**killed_args(corpus, m))) for m in moments], at_once=2)
     return dict(zip(moments, statuses))
 
 

@@ -228,20 +228,29 @@ def install_kill(moment: str, nth: int) -> None:
         metrics.MetricsLog.append = patched_append
 
 
-def run_killed(jobs: list[tuple[str, int, list[str]]], timeout: float = 600) -> list[int]:
+def run_killed(jobs: list[tuple[str, int, list[str]]], timeout: float = 600, at_once: int = 1) -> list[int]:
     """Run ``run_train.py train FLAGS`` once per job ``(moment, nth, FLAGS)``, each killed at its
-    moment (`install_kill`); returns each run's exit status (-9: killed). One launcher process
-    imports the trainer once and forks a child per job (nothing has run in it yet: no thread, no
-    event loop to inherit), which saves the seconds of importing torch for every job."""
+    moment (`install_kill`); returns each run's exit status (-9: killed), in the order of `jobs`.
+    One launcher process imports the trainer once and forks a child per job (nothing has run in
+    it yet: no thread, no event loop to inherit), which saves the seconds of importing torch for
+    every job. At most `at_once` children run at a time (each job has its own run directory and
+    its own process, so they do not meet)."""
     script = ("import json, os, sys, trainer_helpers, run_train, trainer.train\n"
-              f"statuses = []\n"
-              f"for moment, nth, flags in {jobs!r}:\n"
+              f"jobs, at_once = {jobs!r}, {int(at_once)!r}\n"
+              "statuses, running = [None] * len(jobs), {}\n"
+              "def reap():\n"
+              "    pid, status = os.wait()\n"
+              "    statuses[running.pop(pid)] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)\n"
+              "for index, (moment, nth, flags) in enumerate(jobs):\n"
+              "    while len(running) >= max(1, at_once):\n"
+              "        reap()\n"
               "    pid = os.fork()\n"
               "    if pid == 0:\n"
               "        trainer_helpers.install_kill(moment, nth)\n"
               "        os._exit(run_train.main(['train', *flags]))\n"
-              "    status = os.waitpid(pid, 0)[1]\n"
-              "    statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))\n"
+              "    running[pid] = index\n"
+              "while running:\n"
+              "    reap()\n"
               "print(json.dumps(statuses))\n")
     env = subprocess_env(Path(__file__).resolve().parent, OMP_NUM_THREADS="1")
     proc = subprocess.run([PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

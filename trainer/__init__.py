@@ -4,8 +4,8 @@ features, evaluates a run, and chats with it. Never decodes a video or loads CLI
 Modules, one idea each:
     tokenization  byte-level BPE, chat template, loss mask; the `tokenizer` command
     store         opening the Zarr feature store; its checks against the manifest and the run
-    examples      tokenised samples of a split, and why others were left out
-    features      disk/ram/gpu feature sources: fetch(rows) -> (B, F, T, D)
+    examples      tokenised samples of a split (each with its videos' rows), and why others were left out
+    features      disk/ram/gpu feature sources: fetch(rows) -> (V, F, T, D)
     batching      the batch plan (distributed sampler), padded batches, the batch stream
     loss          the precision training and evaluation run in (the loss: model.loss)
     config        TrainConfig, its checks, and the model config it gives
@@ -18,7 +18,10 @@ Modules, one idea each:
     setup         building everything a run needs before its first step
     train         the training loop (TrainState carried step to step); the `train` command
     evaluate      val loss, answer accuracy, accuracy by question type, ablations; `eval`
-    chat          `chat` (store row or video file, multi-turn, streamed) and `describe`
+    eval_table    `eval --table`: runs side by side, with each one's connector and speed
+    chat          `chat` (store rows or video files, one or several, multi-turn, streamed)
+                  and `describe`
+    web           `serve`: the Gradio chat page
 """
 
 from torch_guard import guard_torch

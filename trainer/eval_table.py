@@ -1,6 +1,7 @@
 """The comparison table of `run_train.py eval --table [--compare RUN ...]`.
 
-`accuracy_table` prints one Markdown table: accuracy by question type (rows) for the run as
+`accuracy_table` prints one Markdown table: accuracy by question type (rows; a type that no
+evaluated question asks is left out) for the run as
 trained, with its video features zeroed and with no video at all, then each ``--compare`` run
 (columns), beside the chance level. With ``--compare`` runs, three more rows describe each run
 as trained (the ablation columns leave them blank, as they are the first run again):
@@ -55,6 +56,8 @@ def accuracy_table(cfg: EvalConfig, compare: Sequence[Path] = ()) -> str:
     lines = ["| question type | n | chance | " + " | ".join(columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
     for qtype, stats in first.items():
+        if not any(columns[c][qtype]["n"] for c in columns):
+            continue  # a type no evaluated question asks (labels of conversations not in these manifests)
         cells = [_percent(columns[c][qtype]["accuracy"]) for c in columns]
         lines.append(f"| {qtype} | {stats['n']} | {stats['chance']:.0%} | " + " | ".join(cells) + " |")
     if compare:
@@ -105,10 +108,9 @@ def run_facts(run: str | Path) -> RunFacts:
         connector += f" (k={summary.concat_tokens})"
     elif summary.kind == "pool":
         connector += f" (s={summary.pool_stride})"
-    train = config.get("train", {})
-    global_batch = config.get("global_batch") or (
-        train.get("batch_size", 16) * train.get("grad_accum", 1) * config.get("world_size", 1))
-    rate = samples_per_s(MetricsLog(run / "metrics.jsonl").read(), global_batch)
+    if not isinstance(config.get("global_batch"), int):
+        raise TrainerError(f"{run}/config.json: no global_batch (a run of another version?)")
+    rate = samples_per_s(MetricsLog(run / "metrics.jsonl").read(), config["global_batch"])
     return RunFacts(connector, model_cfg.n_video_tokens, rate)
 
 
