@@ -5,7 +5,9 @@ per batch) with each run's own video, trained on, evaluated and asked in chat.""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ from trainer.evaluate import EvalConfig, evaluate
 from trainer.examples import build_examples
 from trainer.features import make_features
 from trainer.run import load_run
-from trainer.store import open_store
+from trainer.store import check_store_matches_manifest, open_store
 from trainer.tokenization import IGNORE, ChatTokenizer, train_bpe
 from trainer_helpers import make_manifest, make_store, tiny_train_args
 
@@ -106,6 +108,22 @@ def test_a_pair_is_in_val_when_either_video_is(paired):
         assert rows in seen[want] and rows not in seen[{"train": "val", "val": "train"}[want]]
     firsts = {(videos[a]["split"], videos[b]["split"]) for a, b in (["v_000", "v_004"], ["v_005", "v_009"])}
     assert firsts == {("val", "train"), ("train", "val")}  # a val video first, and second
+
+
+def test_a_manifest_grown_with_conversations_only_is_no_warning(caplog):
+    """A store of the same videos as a manifest grown with conversations: said at INFO; a store
+    lacking videos of the manifest: a warning with how many."""
+    store = SimpleNamespace(attrs={"manifest_id": "m", "manifest_fingerprint": "old"}, n_rows=12, path="s.zarr")
+    grown = SimpleNamespace(manifest_id="m", fingerprint="new", videos=[None] * 12, dir="manifest")
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        check_store_matches_manifest(store, grown)
+        assert [(r.levelno, "changed since store" in r.getMessage()) for r in caplog.records] == [(logging.INFO, True)]
+        caplog.clear()
+        check_store_matches_manifest(store, SimpleNamespace(**{**vars(grown), "videos": [None] * 15}))
+        assert [(r.levelno, "the other 3 are skipped" in r.getMessage()) for r in caplog.records] == [(logging.WARNING, True)]
+        caplog.clear()
+        check_store_matches_manifest(store, SimpleNamespace(**{**vars(grown), "fingerprint": "old"}))
+        assert not caplog.records
 
 
 # --- tokenisation and splice ---------------------------------------------------------------------

@@ -109,11 +109,13 @@ def check_store_matches_manifest(store: StoreInfo, manifest: Any) -> None:
         )
     if store.n_rows > len(manifest.videos):
         raise TrainerError(f"store {store.path} has {store.n_rows} rows, the manifest only {len(manifest.videos)}")
-    if store.attrs.get("manifest_fingerprint") != manifest.fingerprint:
-        log.warning(
-            "store %s was extracted from an earlier version of manifest %s; rows it lacks are skipped",
-            store.path, manifest.dir,
-        )
+    if store.n_rows < len(manifest.videos):
+        log.warning("store %s has %d of the %d videos of manifest %s (it grew since); the samples of the other "
+                    "%d are skipped until `run_extract.py extract` adds them", store.path, store.n_rows,
+                    len(manifest.videos), manifest.dir, len(manifest.videos) - store.n_rows)
+    elif store.attrs.get("manifest_fingerprint") != manifest.fingerprint:
+        log.info("manifest %s changed since store %s was extracted (its conversations; the same %d videos)",
+                 manifest.dir, store.path, store.n_rows)
 
 
 def check_same_signature(expected: dict[str, Any], store: StoreInfo, what: str) -> None:
