@@ -202,9 +202,9 @@ class SummaryConfig(_FromDict):
 
     @property
     def n_output_tokens(self) -> int:
-        """Video tokens per sample: for F frames of T = 1 + g*g tokens, k = concat_tokens and
-        s = pool_stride, full/cinego Q (2Q with combine concat), mean T, concat F*k,
-        vchatgpt F + T - 1, pool F * ceil(g/s)^2."""
+        """Video tokens per video (a sample about several videos has a run of them per video): for
+        F frames of T = 1 + g*g tokens, k = concat_tokens and s = pool_stride, full/cinego Q (2Q
+        with combine concat), mean T, concat F*k, vchatgpt F + T - 1, pool F * ceil(g/s)^2."""
         F, T = self.n_frames, self.tokens_per_frame or 0
         if self.kind in QUERY_KINDS:
             return self.n_queries * (2 if self.combine == "concat" else 1)
@@ -230,8 +230,8 @@ class ProjectorConfig(_FromDict):
 
 @dataclass(frozen=True)
 class VideoLMConfig(_FromDict):
-    """The assembled model. A prompt holds one video as a run of ``n_video_tokens`` consecutive
-    ``video_token_id`` placeholders, which the summary's projected tokens replace."""
+    """The assembled model. A prompt holds each of its videos as a run of ``n_video_tokens``
+    consecutive ``video_token_id`` placeholders, which that video's projected summary tokens replace."""
 
     lm: LMConfig = field(default_factory=LMConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
