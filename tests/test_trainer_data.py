@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -101,6 +102,36 @@ def test_disk_and_ram_features_give_identical_batches(corpus):
             np.testing.assert_array_equal(a.video.numpy(), raw[a.rows.numpy()])  # the store's own values
     # a resumed epoch starts mid-way with exactly the remaining batches
     assert [b.rows.tolist() for b in disk.epoch(1, start_step=1)] == [b.rows.tolist() for b in ram_batches[2:]]
+
+
+def test_disk_reads_any_rows_as_the_store_holds_them(corpus):
+    store = corpus["store"]
+    raw = zarr.open_group(str(store.path), mode="r")["tokens"][:]  # the whole array, read plainly
+    features = DiskFeatures(store.path)
+    # runs within a shard (4 rows a shard), a run across shards (3, 4, 5), repeats, any order
+    for rows in ([7, 3, 4, 5, 3, 11, 0], [11], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 9, 2]):
+        got = features.fetch(rows)
+        assert got.dtype == torch.float16
+        np.testing.assert_array_equal(got.numpy(), raw[rows])
+    assert tuple(features.fetch([]).shape) == (0, F, T, D)
+
+
+def test_a_batch_crosses_to_the_training_process_by_value(corpus):
+    """One message on the worker's queue holding the tensors' bytes, not a shared-memory file per
+    tensor (whose descriptors the receiver fetches one connection each)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions, as a DataLoader worker has them
+
+    manifest, store, tok = corpus["manifest"], corpus["store"], corpus["tok"]
+    ex = build_examples(manifest, store, tok, "train", n_video_tokens=4, max_len=128)
+    batch = make_batch(ex.items[:3], DiskFeatures(store.path), tok.pad_id)
+    message = bytes(ForkingPickler.dumps(batch))
+    assert len(message) > batch.video.numel() * 2 + batch.input_ids.numel() * 8
+    again = pickle.loads(message)
+    for name in ("input_ids", "labels", "attention_mask", "video", "rows", "video_counts"):
+        want, got = getattr(batch, name), getattr(again, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
 def test_batches_pad_to_the_longest_sample(corpus):

@@ -42,6 +42,14 @@ class Batch:
     rows: Tensor  # (V,) store rows
     video_counts: Tensor  # (B,) long, videos per sample (V = their sum)
 
+    def __reduce__(self) -> tuple:
+        """Pickled by value, as numpy arrays: a DataLoader worker hands the batch to the training
+        process as one message on its queue. torch's default would put each of the six tensors
+        in a shared-memory file whose descriptor the receiver fetches over its own connection to
+        the worker: 3 ms a batch in the training process (8% of a B=4 step on the 2-core box),
+        against 0.6 ms for the copy."""
+        return (_batch_of_arrays, tuple(t.numpy() for t in self._tensors()))
+
     def pin_memory(self) -> Batch:
         return Batch(*(t.pin_memory() for t in self._tensors()))
 
@@ -56,6 +64,10 @@ class Batch:
     def n_target_tokens(self) -> int:
         """Positions that contribute to the next-token loss."""
         return int(n_targets(self.labels))
+
+
+def _batch_of_arrays(*arrays: np.ndarray) -> Batch:
+    return Batch(*(torch.from_numpy(a) for a in arrays))
 
 
 def make_batch(examples: Sequence[Example], features: Features | None, pad_id: int) -> Batch:

@@ -38,7 +38,8 @@ class Features:
 
 
 class DiskFeatures(Features):
-    """Reads the store on every fetch. Picklable: a DataLoader worker opens the store itself."""
+    """Reads the store on every fetch (`read_rows`). Picklable: a DataLoader worker opens the
+    store itself."""
 
     def __init__(self, store_path: str | Path) -> None:
         self.store_path = str(store_path)
@@ -56,8 +57,30 @@ class DiskFeatures(Features):
 
     def fetch(self, rows: Sequence[int]) -> Tensor:
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-        block = self._array().get_orthogonal_selection((unique,))  # (U, F, T, D), one read
-        return torch.from_numpy(np.ascontiguousarray(block[inverse]))
+        return torch.from_numpy(np.ascontiguousarray(read_rows(self._array(), unique)[inverse]))
+
+
+def read_rows(array, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001 - a zarr.Array
+    """``array[rows]`` for sorted distinct ``rows``: each run of consecutive rows is one basic
+    slice, the runs read at once on zarr's event loop.
+
+    Not one orthogonal selection: inside a shard, zarr 3.1's sharding codec turns a list of rows
+    into per-element coordinates, which costs 2.7x the CPU of the slices (16 random rows of
+    8 x 37 x 64 from 64-row shards: 63 against 23 ms), CPU that a DataLoader worker takes from
+    the training process on a small machine."""
+    import asyncio
+
+    from zarr.core.sync import sync  # zarr's own loop: an fsspec store is bound to it
+
+    if not len(rows):
+        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+    starts = np.flatnonzero(np.diff(rows) != 1) + 1
+    runs = [slice(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, starts)]
+
+    async def read() -> list[np.ndarray]:
+        return await asyncio.gather(*(array._async_array.getitem(run) for run in runs))
+
+    return np.concatenate(sync(read()))
 
 
 class RamFeatures(Features):
@@ -167,7 +190,7 @@ def _load_rows(array, rows: np.ndarray, out: Tensor) -> None:  # noqa: ANN001 - 
     step = (getattr(array, "shards", None) or array.chunks)[0]
     for start in range(0, len(rows), step):
         part = rows[start : start + step]
-        out[start : start + len(part)] = torch.from_numpy(array.get_orthogonal_selection((part,)))
+        out[start : start + len(part)] = torch.from_numpy(read_rows(array, part))
 
 
 class GpuFeatures(RamFeatures):
