@@ -43,10 +43,12 @@ seed 0). Only where the video features come from differs:
 Timing: each row has its own model and optimizer (seed 0) and batch iterator, all built first.
 Each row runs `--warmup` untimed steps (DataLoader workers start, caches, allocator); then the
 rows take turns for `--rounds` rounds, the order reversed every other round, so that load from
-elsewhere on the machine hits all rows alike: in a round each row runs `lead` untimed steps
-(the DataLoader's prefetch depth, 4 per worker: a row whose workers kept reading while the
-others ran starts its turn with a full queue, and the lead-in drains that head start) and then
-`--steps` timed ones. A step is what the trainer's loop does: the next batch, `.to(device)`,
+elsewhere on the machine hits all rows alike: in a round each row with a DataLoader (disk,
+Cinego's way) first runs `lead` untimed steps (its prefetch depth, 4 per worker: a row whose
+workers kept reading while the others ran starts its turn with a full queue, and the lead-in
+drains that head start), then every row runs `--steps` timed ones. Many short rounds rather than
+a few long ones: on the project's VM the rate of a row drifts by up to 20% from one second to the
+next, and a median over 12 pairs is steadier than one over 5. A step is what the trainer's loop does: the next batch, `.to(device)`,
 `train_step` (which ends with the loss's `.item()`, a device sync); the clock is `time.perf_counter`
 around the timed steps. A row's rate is its timed steps over their summed time; the JSON keeps
 each round's rate. A ratio is the median over rounds of the two rows' rates in that round (the
@@ -61,13 +63,12 @@ cores less the DataLoader workers (1 on the 2-core box; `run_train.py train --th
 that the loader workers have a core of their own. This flatters the ratio, not the throughput:
 on the 2-core box with 2 threads (torch's default) the limit itself is faster (B=16: 181
 samples/s against 121 with 1 thread) and so is disk (140 against 119), but disk is then only
-0.66-0.84 of the limit over B=2..64 (a full run of an earlier session; its JSON was not kept), because the workers
-preempt torch's OpenMP threads and the training process spends about 10 ms a batch receiving
-it (5 tensors, each a file descriptor passed over a socket by torch's sharing strategy:
-py-spy). Under a load of 3-4 from elsewhere, 2 threads also made round-to-round rates vary 10x.
+0.66-0.84 of the limit over B=2..64 (a full run of an earlier session, before batches crossed
+from the workers by value; its JSON was not kept), because the workers preempt torch's OpenMP
+threads. Under a load of 3-4 from elsewhere, 2 threads also made round-to-round rates vary 10x.
 
 Scaling (`bench/results/train_scaling.png`): samples/s of rows 1, 2 and 5 (and the limit,
-dashed) against the batch size (`--scaling-batches`), two rounds per batch size, about
+dashed) against the batch size (`--scaling-batches`), four rounds per batch size, about
 `--scaling-samples` timed samples per row and batch size.
 
 Data, made untimed inside --work with the project's own API and reused when present: the demo
@@ -89,7 +90,7 @@ the project's 2-core CPU box; train_cpu_quick.json is `--quick` there):
     .venv/bin/python bench/train.py --work /tmp/vidcache-bench-train --json bench/results/train_cpu.json \
         --plot bench/results/train_scaling.png
 
-`--quick` (96 videos, 3 rounds of 10 steps, batch sizes 4, 16, 32 for the plot, no
+`--quick` (96 videos, 6 rounds of 6 steps, batch sizes 4, 16, 32 for the plot, no
 decode+clip row) finishes in about 3 minutes (the first run also makes the corpus: +1 min).
 On a GPU machine add `--device cuda --preset small`. Output: a JSON object on stdout (and in
 --json if given), then a Markdown table; progress lines go to stderr.
@@ -145,8 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="of the main table (default 16)")
     p.add_argument("--max-len", type=int, default=512, help="the trainer's cut and Cinego's fixed padding")
     p.add_argument("--videos", type=int, default=None, help="demo videos (default 160; quick 96)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per row and round (default 20; quick 12)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds in which the rows take turns (default 5; quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row and round (default 10; quick 6)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds in which the rows take turns (default 12; quick 6)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps per row first (default 8)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the training process (the trainer's --threads; default on the CPU: "
@@ -161,8 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     q = args.quick
     args.videos = args.videos or (96 if q else 160)
-    args.steps = args.steps or (10 if q else 20)
-    args.rounds = args.rounds or (3 if q else 5)
+    args.steps = args.steps or (6 if q else 10)
+    args.rounds = args.rounds or (6 if q else 12)
     args.scaling_batches = args.scaling_batches if args.scaling_batches is not None else ([4, 16, 32] if q else [2, 4, 8, 16, 32, 64])
     args.scaling_samples = args.scaling_samples or (256 if q else 640)
     args.decode_clip = (not q) if args.decode_clip is None else args.decode_clip
@@ -421,6 +422,8 @@ class Runner:
 
             self.batches = stream_batches()
         self.losses: list[float] = []
+        # a DataLoader whose workers read ahead while the other rows run
+        self.prefetches = args.workers > 0 and (kind == "cinego" or (self.stream is not None and self.stream.loader is not None))
 
     def run(self, n: int) -> float:
         """Seconds for the next ``n`` steps, each as the trainer's loop does it: the next batch,
@@ -445,8 +448,8 @@ class Runner:
 def measure(bench: Bench, kinds: list[str], batch_size: int, steps: int, blocks: int, warmup: int,
             lead: int) -> dict[str, dict]:
     """The rows take turns: after `warmup` untimed steps each, `blocks` rounds in which every row
-    runs `lead` untimed steps (a DataLoader row that waited while the others ran has its
-    prefetch queue full: the lead-in drains that head start) and then `steps` timed ones; the
+    with a DataLoader runs `lead` untimed steps (one that waited while the others ran has its
+    prefetch queue full: the lead-in drains that head start) and every row `steps` timed ones; the
     order is reversed every other round. A row's rate is its timed steps over their time; the
     per-round rates are kept too."""
     total = warmup + blocks * (lead + steps)
@@ -457,7 +460,7 @@ def measure(bench: Bench, kinds: list[str], batch_size: int, steps: int, blocks:
             runners[k].run(warmup - 1)
         for block in range(blocks):
             for k in (kinds if block % 2 == 0 else kinds[::-1]):
-                runners[k].run(lead)
+                runners[k].run(lead if runners[k].prefetches else 0)
                 out[k]["seconds"].append(runners[k].run(steps))
     finally:
         for r in runners.values():
@@ -533,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("disk", "ram", "memory", "cinego"):
             scaling[kind] = []
         for b in args.scaling_batches:
-            n = max(4, round(args.scaling_samples / b / 2))
-            point = measure(bench, ["disk", "ram", "memory", "cinego"], b, n, 2, 4, lead)
+            n = max(3, round(args.scaling_samples / b / 4))
+            point = measure(bench, ["disk", "ram", "memory", "cinego"], b, n, 4, 4, lead)
             for kind, r in point.items():
                 scaling[kind].append(round(r["steps_per_s"] * b, 2))
         if args.plot:
