@@ -5,7 +5,10 @@ normalisation on the device, the tower cast to the precision, `forward_intermedi
 `--layer`, the final LayerNorm, the copy back to the host) on random uint8 frames, for fp32,
 fp16 and bf16 in one run, interleaved per repeat. It reports frames/s per precision, the ratio
 to fp32, and how close each precision's tokens are to fp32's (mean cosine per token), since the
-store keeps float16 tokens whatever the compute precision. Decoding is not part of it: on a GPU
+store keeps float16 tokens whatever the compute precision. And against the arithmetic ceiling
+(bench/flops.py): the tower's FLOPs per frame, counted, and the device's matmul rate in that
+precision, measured in the same run; ceiling = rate / FLOPs per frame, and the fraction of it
+reached (issue 13's bar: bf16 >= 35% on an H100/H200). Decoding is not part of it: on a GPU
 machine the decoders run on the CPUs beside the encoder (see `keyframe_speed.py` for decoding).
 
 Reproduce (the README's numbers were measured on one H100 with random ViT-B-16 weights):
@@ -21,10 +24,16 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from pipeline.encoder import EncoderSpec, load_encoder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flops import count_flops, matmul_flops_per_s  # noqa: E402  (bench/flops.py)
+from pipeline.encoder import EncoderSpec, load_encoder  # noqa: E402
 
 
 def _time(encoder, frames: np.ndarray, batch: int, device: str) -> float:
@@ -70,20 +79,30 @@ def main() -> None:
         fps = args.frames / float(np.median(seconds[pr]))
         rows.append({"precision": pr, "frames_per_s": round(fps, 1), "cosine_vs_first": round(cosine, 5)})
     base = rows[0]["frames_per_s"]
+    first = encoders[precisions[0]]
+    flops_per_frame = count_flops(lambda: first.tokens(torch.zeros(1, 3, size, size, device=first.device,
+                                                                    dtype=first.dtype)))
     for row in rows:
         row["speedup_vs_first"] = round(row["frames_per_s"] / base, 2)
+        rate = matmul_flops_per_s(torch.device(args.device), encoders[row["precision"]].dtype)
+        row["matmul_tflops"] = round(rate / 1e12, 2)
+        row["ceiling_frames_per_s"] = round(rate / flops_per_frame, 1)
+        row["of_ceiling"] = round(row["frames_per_s"] / row["ceiling_frames_per_s"], 3)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     result = {"benchmark": "encode_throughput", "encoder": args.encoder, "device": device,
               "tokens_per_frame": encoders[precisions[0]].attrs["tokens_per_frame"],
+              "gflops_per_frame": round(flops_per_frame / 1e9, 3),
               "batch_size": args.batch_size, "frames": args.frames, "results": rows}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(f"\n| precision | frames/s | vs {precisions[0]} | token cosine vs {precisions[0]} |\n|---|---|---|---|")
+    print(f"\n| precision | frames/s | vs {precisions[0]} | token cosine vs {precisions[0]} | matmul TFLOP/s "
+          f"| ceiling frames/s ({result['gflops_per_frame']} GFLOPs a frame) | of ceiling |\n|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['precision']} | {row['frames_per_s']} | {row['speedup_vs_first']}x | {row['cosine_vs_first']} |")
+        print(f"| {row['precision']} | {row['frames_per_s']} | {row['speedup_vs_first']}x | {row['cosine_vs_first']} "
+              f"| {row['matmul_tflops']} | {row['ceiling_frames_per_s']} | {row['of_ceiling']:.1%} |")
 
 
 if __name__ == "__main__":

@@ -38,14 +38,18 @@ a manifest of that video alone and with copies (hard links), and the difference 
 cost with the start-up (imports, model loading) taken out: Cinego's way runs on 1 and 2 copies,
 the job on 1 and 9 (its cost per video is small next to the start-up), divided by the copies
 added; the median over --repeats such differences. Plotted with the driver's peak memory
-against corpus size, from bench/driver_memory.py's JSON (`--driver-memory`), into
-`bench/results/extract_scaling.png`.
+against corpus size, one line per bench/driver_memory.py JSON (`--driver-memory`, by default
+its 1k/100k run and its `--quick` 1k/10k run), into `bench/results/extract_scaling.png`.
+`--replot JSON` draws the plot again from an earlier `--scaling` JSON's seconds per video and
+the driver-memory JSONs, without running anything.
 
 Reproduce:
 
     .venv/bin/python bench/extract.py --work /tmp/vidcache-bench-extract2 \
         --json bench/results/extract_cpu.json
     .venv/bin/python bench/extract.py --work /tmp/vidcache-bench-extract2 --scaling \
+        --json bench/results/extract_scaling.json
+    .venv/bin/python bench/extract.py --work /tmp/unused --replot bench/results/extract_scaling.json \
         --json bench/results/extract_scaling.json
 
 `--quick` (12 videos of 10-30 s, one repeat) is a smoke run of a few minutes. Output: JSON on
@@ -96,8 +100,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "full-size tower, on a few videos)")
     p.add_argument("--scaling", action="store_true", help="seconds per video against video length (module docstring)")
     p.add_argument("--lengths", default="15,60,240,900", help="--scaling's video lengths in seconds")
-    p.add_argument("--driver-memory", type=Path, default=HERE / "results" / "driver_memory_cpu.json",
-                   help="bench/driver_memory.py JSON whose peaks --scaling plots")
+    p.add_argument("--driver-memory", type=Path, nargs="+",
+                   default=[HERE / "results" / "driver_memory_cpu.json", HERE / "results" / "driver_memory_quick_cpu.json"],
+                   help="bench/driver_memory.py JSONs whose peaks --scaling plots, a line each")
+    p.add_argument("--replot", type=Path, default=None,
+                   help="an earlier --scaling JSON: plot its seconds per video again with --driver-memory, run nothing")
     p.add_argument("--plot", type=Path, default=HERE / "results" / "extract_scaling.png", help="--scaling's plot")
     args = p.parse_args(argv)
     args.videos = args.videos or (12 if args.quick else 24)
@@ -249,12 +256,25 @@ def measure_scaling(args: argparse.Namespace) -> dict:
                 differences.append(max(timed[1] - timed[0], 0.0) / EXTRA_COPIES[key])
             points[key].append(round(statistics.median(differences), 3))
             log(f"{int(seconds)} s video, {ROWS[key]}: {points[key][-1]:.2f} s per video")
-    driver = json.loads(args.driver_memory.read_text()) if args.driver_memory.exists() else {"runs": []}
-    memory = [(r["rows"], round(r["vmhwm_kib"] / 1024, 1)) for r in driver.get("runs", []) if "vmhwm_kib" in r]
+    return scaling_result(lengths, points, args)
+
+
+def scaling_result(lengths: list[float], points: dict[str, list[float]], args: argparse.Namespace) -> dict:
+    """The --scaling JSON, with the driver's peaks read from --driver-memory, and its plot."""
+    memory = {}
+    for source in args.driver_memory:
+        runs = json.loads(source.read_text()).get("runs", []) if source.exists() else []
+        memory[source.name] = [(r["rows"], round(r["vmhwm_kib"] / 1024, 1)) for r in runs if "vmhwm_kib" in r]
     plot_scaling(lengths, points, memory, args.plot)
     return {"benchmark": "extract_scaling", "lengths_s": lengths, "seconds_per_video": points,
-            "driver_peak_mib_by_rows": memory, "driver_memory_source": str(args.driver_memory),
-            "plot": str(args.plot), "encoder": args.encoder, "frames": FRAMES, "video": "640x360, 25 fps, GOP 250"}
+            "driver_peak_mib_by_rows": memory, "plot": str(args.plot), "encoder": args.encoder, "frames": FRAMES,
+            "video": "640x360, 25 fps, GOP 250"}
+
+
+def replot_scaling(args: argparse.Namespace) -> dict:
+    earlier = json.loads(args.replot.read_text())
+    args.encoder = earlier["encoder"]
+    return scaling_result(earlier["lengths_s"], earlier["seconds_per_video"], args)
 
 
 def _timed_scaling_run(key: str, encoder: str, manifest: Path, run_dir: Path, logs: Path, tag: str) -> float:
@@ -267,8 +287,8 @@ def _timed_scaling_run(key: str, encoder: str, manifest: Path, run_dir: Path, lo
     return run(command, logs, tag)[0]
 
 
-def plot_scaling(lengths: list[float], points: dict[str, list[float]], memory: list[tuple[int, float]],
-                 out: Path) -> None:
+def plot_scaling(lengths: list[float], points: dict[str, list[float]],
+                 memory: dict[str, list[tuple[int, float]]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,10 +302,13 @@ def plot_scaling(lengths: list[float], points: dict[str, list[float]], memory: l
              title="cost per video as videos get longer", xscale="log", yscale="log")
     left.grid(True, which="both", alpha=0.3)
     left.legend()
-    if memory:
-        right.plot([rows for rows, _ in memory], [mib for _, mib in memory], marker="o")
+    for source, peaks in memory.items():
+        right.plot([rows for rows, _ in peaks], [mib for _, mib in peaks], marker="o", label=source)
+    peak = max([mib for peaks in memory.values() for _, mib in peaks], default=1)
     right.set(xlabel="manifest rows", ylabel="driver peak memory, VmHWM (MiB)", title="driver memory as the corpus grows",
-              xscale="log", ylim=(0, max([mib for _, mib in memory], default=1) * 1.3))
+              xscale="log", ylim=(0, peak * 1.3))
+    if memory:
+        right.legend(fontsize=8)
     right.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -298,10 +321,11 @@ def print_scaling(result: dict) -> None:
         cells = " | ".join(f"{result['seconds_per_video'][k][i]:.2f} s" for k in SCALING_ROWS)
         print(f"| {seconds:g} s | {cells} |")
     print()
-    print("| manifest rows | driver peak MiB |")
-    print("|---|---|")
-    for rows, mib in result["driver_peak_mib_by_rows"]:
-        print(f"| {rows} | {mib} |")
+    print("| manifest rows | driver peak MiB | run |")
+    print("|---|---|---|")
+    for source, peaks in result["driver_peak_mib_by_rows"].items():
+        for rows, mib in peaks:
+            print(f"| {rows} | {mib} | {source} |")
 
 
 def print_table(result: dict) -> None:
@@ -318,6 +342,8 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.replot:
+        return bench_main(lambda: replot_scaling(args), args.json, print_scaling)
     return bench_main(lambda: measure_scaling(args) if args.scaling else measure(args), args.json,
                       print_scaling if args.scaling else print_table)
 

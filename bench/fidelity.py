@@ -89,19 +89,9 @@ def corpus_videos(args: argparse.Namespace, scratch: Path) -> list[Path]:
 
 @torch.inference_mode()
 def tower_tokens(encoder: Encoder, x: torch.Tensor) -> np.ndarray:
-    """Normalised (N, 3, S, S) float input -> (N, T, D) float16 tokens, with exactly the
-    `forward_intermediates` call of `Encoder.encode` (which takes uint8 frames instead)."""
-    feats = encoder.visual.forward_intermediates(
-        x.to(encoder.device, encoder.dtype),
-        indices=[encoder.block],
-        stop_early=True,
-        normalize_intermediates=True,
-        intermediates_only=True,
-        output_fmt="NLC",
-        output_extra_tokens=True,
-    )
-    tokens = torch.cat([feats["image_intermediates_prefix"][0], feats["image_intermediates"][0]], dim=1)
-    return tokens.to(torch.float16).cpu().numpy()
+    """Normalised (N, 3, S, S) float input -> (N, T, D) float16 tokens, through `Encoder.tokens`,
+    the tower call of `Encoder.encode` (which takes uint8 frames instead)."""
+    return encoder.tokens(x.to(encoder.device, encoder.dtype)).to(torch.float16).cpu().numpy()
 
 
 def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

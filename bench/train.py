@@ -9,9 +9,10 @@ tokenizer), the same batch size and the same samples in the same order (`trainer
 seed 0). Only where the video features come from differs:
 
 1. `disk`: the trainer's `--feature-cache disk` path: `DiskFeatures` reads each batch's rows from
-   the Zarr store (one `get_orthogonal_selection` per batch, float16) inside the trainer's
-   `BatchStream` DataLoader (`--workers` processes, default the trainer's 2, forkserver,
-   prefetch 4, pinned on CUDA), and `make_batch` pads each batch to its longest sample. The
+   the Zarr store (float16; each run of consecutive rows one slice, the runs at once) inside the
+   trainer's `BatchStream` DataLoader (`--workers` processes, default the trainer's 2,
+   forkserver, prefetch 4, pinned on CUDA; a batch comes back by value), and `make_batch` pads
+   each batch to its longest sample. The
    store is on local disk and, after the first pass, in the page cache (as a store that fits
    in RAM is in practice): the row measures the store's read + decompress path, not the disk.
 2. `ram`: `--feature-cache ram`: `RamFeatures` (rows loaded once, untimed; pinned on CUDA), a
@@ -44,7 +45,8 @@ Timing: each row has its own model and optimizer (seed 0) and batch iterator, al
 Each row runs `--warmup` untimed steps (DataLoader workers start, caches, allocator); then the
 rows take turns for `--rounds` rounds, the order reversed every other round, so that load from
 elsewhere on the machine hits all rows alike: in a round each row with a DataLoader (disk,
-Cinego's way) first runs `lead` untimed steps (its prefetch depth, 4 per worker: a row whose
+Cinego's way) first runs as many untimed steps as its queue holds (its prefetch depth: 4 per
+worker for the trainer's loader, torch's default 2 for Cinego's; a row whose
 workers kept reading while the others ran starts its turn with a full queue, and the lead-in
 drains that head start), then every row runs `--steps` timed ones. Many short rounds rather than
 a few long ones: on the project's VM the rate of a row drifts by up to 20% from one second to the
@@ -66,6 +68,13 @@ samples/s against 121 with 1 thread) and so is disk (140 against 119), but disk 
 0.66-0.84 of the limit over B=2..64 (a full run of an earlier session, before batches crossed
 from the workers by value; its JSON was not kept), because the workers preempt torch's OpenMP
 threads. Under a load of 3-4 from elsewhere, 2 threads also made round-to-round rates vary 10x.
+
+Model FLOPs utilisation (MFU) of the limit row (4) and the GPU cache row (3): the FLOPs of a
+training step's forward and backward, counted (bench/flops.py) on the first batch of the run
+and scaled to every timed batch by its padded size B x L (the step computes the padding too),
+over the row's time, against the matmul rate measured in the same run in the step's precision
+(bf16 on CUDA, fp32 on the CPU). On CUDA, `--max-batch` also finds the largest batch of the
+longest samples whose step fits in GPU memory (doubling from 16 until the allocator fails).
 
 Scaling (`bench/results/train_scaling.png`): samples/s of rows 1, 2 and 5 (and the limit,
 dashed) against the batch size (`--scaling-batches`), four rounds per batch size, about
@@ -113,6 +122,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from flops import count_flops, matmul_flops_per_s  # noqa: E402  (bench/flops.py)
 from report import emit  # noqa: E402  (bench/report.py)
 
 ROWS = ("disk", "ram", "gpu", "memory", "cinego", "decode+clip")
@@ -159,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-clip", action=argparse.BooleanOptionalAction, default=None,
                    help="measure row 6 (default: on, off with --quick)")
     p.add_argument("--decode-steps", type=int, default=3, help="timed steps of row 6 (default 3)")
+    p.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, find the largest batch that fits (default on)")
     args = p.parse_args(argv)
     q = args.quick
     args.videos = args.videos or (96 if q else 160)
@@ -303,10 +315,7 @@ class DecodeClip:
             batch.append(torch.stack([self.preprocess(Image.fromarray(f)) for f in picked]))
         x = torch.cat(batch).to(self.device, self.encoder.dtype)
         with torch.inference_mode():
-            out = self.encoder.visual.forward_intermediates(
-                x, indices=[self.encoder.block], stop_early=True, normalize_intermediates=True,
-                intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
-        tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+            tokens = self.encoder.tokens(x)
         tokens.view(len(rows), FRAMES, *tokens.shape[1:]).to(torch.float16).cpu()  # what Cinego would train on
         return self.cached.fetch(rows)  # the store's tokens of these rows: the model is the other rows'
 
@@ -398,7 +407,8 @@ class Runner:
 
         if kind == "memory":
             dataset = BatchDataset(bench.examples.items, bench.features("ram"), bench.tok.pad_id)
-            self.batches = iter([dataset[i].to(device) for i in planned()])
+            self.planned_batches = [dataset[i].to(device) for i in planned()]
+            self.batches = iter(self.planned_batches)
         elif kind == "cinego":
             flat = [i for micro in planned() for i in micro]
             self.loader = DataLoader(CinegoDataset(bench.examples.items, bench.npy, args.max_len, bench.tok.pad_id),
@@ -422,8 +432,9 @@ class Runner:
 
             self.batches = stream_batches()
         self.losses: list[float] = []
-        # a DataLoader whose workers read ahead while the other rows run
-        self.prefetches = args.workers > 0 and (kind == "cinego" or (self.stream is not None and self.stream.loader is not None))
+        # the batches a DataLoader's workers read ahead while the other rows run
+        loader = self.loader if kind == "cinego" else getattr(self.stream, "loader", None)
+        self.lead = loader.num_workers * loader.prefetch_factor if loader is not None and loader.num_workers else 0
 
     def run(self, n: int) -> float:
         """Seconds for the next ``n`` steps, each as the trainer's loop does it: the next batch,
@@ -445,14 +456,71 @@ class Runner:
             self.stream.loader._iterator = None
 
 
+def step_flops(bench: Bench, batch) -> int:  # noqa: ANN001 - a trainer Batch on the device
+    """FLOPs of a training step's forward and backward on ``batch``, counted on a model of its own."""
+    from model import VideoLM
+    from trainer.loss import autocast, token_loss_sum
+
+    model = VideoLM(bench.model_cfg).to(bench.device)
+
+    def step() -> None:
+        with autocast(bench.device):
+            logits, _ = model(batch.input_ids, video=batch.video, video_counts=batch.video_counts)
+            loss = token_loss_sum(logits, batch.labels)
+        loss.backward()
+
+    return count_flops(step)
+
+
+def model_flops_utilisation(bench: Bench, batches: list, seconds: list[float], steps: int, warmup: int) -> dict:
+    """The MFU of a row whose timed steps trained on ``batches`` (the memory row's, in its order:
+    `warmup` steps, then `steps` a round; rows without a DataLoader have no lead-in)."""
+    per_position = step_flops(bench, batches[0]) / batches[0].input_ids.numel()
+    timed = [batches[warmup + r * steps + i] for r in range(len(seconds)) for i in range(steps)]
+    flops = per_position * sum(b.input_ids.numel() for b in timed)
+    dtype = torch.bfloat16 if bench.device.type == "cuda" else torch.float32
+    rate = matmul_flops_per_s(bench.device, dtype)
+    return {"model_gflops_per_step": round(flops / len(timed) / 1e9, 4), "matmul_tflops": round(rate / 1e12, 3),
+            "matmul_dtype": str(dtype).removeprefix("torch."), "mfu": round(flops / sum(seconds) / rate, 4)}
+
+
+def largest_batch(bench: Bench) -> int:
+    """The largest batch of the longest samples (doubling from 16) whose training step fits in GPU memory."""
+    from model import VideoLM
+    from trainer.batching import make_batch
+    from trainer.config import PARTS
+    from trainer.optim import make_optimizer, set_trainable
+    from trainer.train import train_step
+    from trainer.distributed import Dist
+
+    longest = max(bench.examples.items, key=lambda e: len(e.input_ids))
+    fits, size = 0, 16
+    while size <= 65536:
+        model = VideoLM(bench.model_cfg).to(bench.device)
+        trainable = set_trainable(model, PARTS)
+        optimizer = make_optimizer(trainable, bench.train_cfg, bench.device)
+        batch = None
+        try:
+            batch = make_batch([longest] * size, bench.features("ram"), bench.tok.pad_id).to(bench.device)
+            train_step(model, [batch], optimizer, [p for _, p in trainable], 1e-4, 1.0, Dist(device=bench.device),
+                       bench.device)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            del model, optimizer, trainable, batch  # this size's memory, before the next one's
+            torch.cuda.empty_cache()
+        fits, size = size, size * 2
+    return fits
+
+
 def measure(bench: Bench, kinds: list[str], batch_size: int, steps: int, blocks: int, warmup: int,
-            lead: int) -> dict[str, dict]:
+            mfu: bool = False) -> dict[str, dict]:
     """The rows take turns: after `warmup` untimed steps each, `blocks` rounds in which every row
-    with a DataLoader runs `lead` untimed steps (one that waited while the others ran has its
-    prefetch queue full: the lead-in drains that head start) and every row `steps` timed ones; the
+    with a DataLoader runs its prefetch depth in untimed steps (one that waited while the others
+    ran has its queue full: the lead-in drains that head start) and every row `steps` timed ones; the
     order is reversed every other round. A row's rate is its timed steps over their time; the
     per-round rates are kept too."""
-    total = warmup + blocks * (lead + steps)
+    total = warmup + blocks * (bench.args.workers * 4 + steps)  # at most this many batches a row
     runners = {k: bench.runner(k, batch_size, total) for k in kinds}
     out = {k: {"seconds": [], "first_s": runners[k].run(1)} for k in kinds}
     try:
@@ -460,7 +528,7 @@ def measure(bench: Bench, kinds: list[str], batch_size: int, steps: int, blocks:
             runners[k].run(warmup - 1)
         for block in range(blocks):
             for k in (kinds if block % 2 == 0 else kinds[::-1]):
-                runners[k].run(lead if runners[k].prefetches else 0)
+                runners[k].run(runners[k].lead)
                 out[k]["seconds"].append(runners[k].run(steps))
     finally:
         for r in runners.values():
@@ -470,6 +538,8 @@ def measure(bench: Bench, kinds: list[str], batch_size: int, steps: int, blocks:
         r["steps_per_s"] = blocks * steps / sum(r["seconds"])
         r["steps_per_s_blocks"] = [steps / s for s in r["seconds"]]
         r["losses"] = runners[k].losses
+        if mfu and k in ("memory", "gpu"):  # both trained on the memory row's batches
+            r.update(model_flops_utilisation(bench, runners["memory"].planned_batches, r["seconds"], steps, warmup))
         log(f"  {k:12s} B={batch_size:3d}: {r['steps_per_s']:7.2f} steps/s, {r['steps_per_s'] * batch_size:8.1f} "
             f"samples/s (rounds: {' '.join(f'{x:.2f}' for x in r['steps_per_s_blocks'])}; first step {r['first_s']:.2f} s)")
     return out
@@ -492,12 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         f"tokenizer {bench.tok.vocab_size} tokens; setup {time.perf_counter() - t0:.0f} s")
 
     kinds = ["disk", "ram"] + (["gpu"] if device.type == "cuda" else []) + ["memory", "cinego"]
-    lead = args.workers * 4  # the trainer's DataLoader prefetches 4 batches per worker
     log(f"batch {args.batch_size}: {args.rounds} rounds of {args.steps} timed steps per row")
-    got = measure(bench, kinds, args.batch_size, args.steps, args.rounds, args.warmup, lead)
+    got = measure(bench, kinds, args.batch_size, args.steps, args.rounds, args.warmup, mfu=True)
     if args.decode_clip:
         log("decode+clip (and the ram row again, beside it)")
-        again = measure(bench, ["ram", "decode+clip"], args.batch_size, args.decode_steps, 1, 1, 0)
+        again = measure(bench, ["ram", "decode+clip"], args.batch_size, args.decode_steps, 1, 1)
         got["decode+clip"] = again["decode+clip"]
         got["decode+clip"]["ram_beside_steps_per_s"] = again["ram"]["steps_per_s"]
 
@@ -515,8 +584,13 @@ def main(argv: list[str] | None = None) -> int:
                       "first_step_s": round(r["first_s"], 3)}
         if "ram_beside_steps_per_s" in r:
             rows[kind]["ram_beside_steps_per_s"] = round(r["ram_beside_steps_per_s"], 3)
-    # rows 1, 2 (3) and 4 trained on the same batches from the same weights: the same losses
-    same = all(got[k]["losses"] == got["memory"]["losses"] for k in ("disk", "ram", "gpu") if k in got)
+        for key in ("model_gflops_per_step", "matmul_tflops", "matmul_dtype", "mfu"):
+            if key in r:
+                rows[kind][key] = r[key]
+    # rows 1, 2 (3) and 4 trained on the same batches from the same weights: the same losses, step
+    # by step (a row with a DataLoader ran more steps: its lead-ins)
+    same = all(got[k]["losses"][:n] == got["memory"]["losses"][:n] for k in ("disk", "ram", "gpu") if k in got
+               for n in [min(len(got[k]["losses"]), len(got["memory"]["losses"]))])
     ratios = {}
     for name, (a, b) in {"disk/memory": ("disk", "memory"), "ram/memory": ("ram", "memory"),
                          "gpu/memory": ("gpu", "memory"), "disk/cinego": ("disk", "cinego"),
@@ -537,12 +611,16 @@ def main(argv: list[str] | None = None) -> int:
             scaling[kind] = []
         for b in args.scaling_batches:
             n = max(3, round(args.scaling_samples / b / 4))
-            point = measure(bench, ["disk", "ram", "memory", "cinego"], b, n, 4, 4, lead)
+            point = measure(bench, ["disk", "ram", "memory", "cinego"], b, n, 4, 4)
             for kind, r in point.items():
                 scaling[kind].append(round(r["steps_per_s"] * b, 2))
         if args.plot:
             plot(scaling, args, bench)
 
+    largest = None
+    if device.type == "cuda" and args.max_batch:
+        log("the largest batch that fits")
+        largest = largest_batch(bench)
     result = {
         "benchmark": "train", "quick": args.quick, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "preset": args.preset,
@@ -552,9 +630,11 @@ def main(argv: list[str] | None = None) -> int:
         "videos": len(bench.rows), "samples": len(bench.examples),
         "mean_sample_tokens": round(float(np.mean(bench.examples.lengths)), 1),
         "video_tokens_per_sample": bench.model_cfg.n_video_tokens, "workers": args.workers,
-        "warmup_steps": args.warmup, "lead_in_steps": lead, "rounds": args.rounds, "steps_per_round": args.steps, "rows": rows, "ratios": ratios,
+        "warmup_steps": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps, "rows": rows, "ratios": ratios,
         "same_losses_rows_1_2_4": same, "scaling_samples_per_s": scaling,
         "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "largest_batch_that_fits": largest if largest is not None else
+        ("not measured: no GPU" if device.type != "cuda" else "not measured: --no-max-batch"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     emit(result, args.json, print_table)
@@ -587,14 +667,16 @@ def plot(scaling: dict, args: argparse.Namespace, bench: Bench) -> None:
 
 def print_table(result: dict) -> None:
     b = result["batch_size"]
-    print(f"| row | steps/s | samples/s (B={b}) | s/step | rounds (steps/s) |")
-    print("|---|---|---|---|---|")
+    print(f"| row | steps/s | samples/s (B={b}) | s/step | rounds (steps/s) | MFU |")
+    print("|---|---|---|---|---|---|")
     for row in result["rows"].values():
         if not row["measured"]:
-            print(f"| {row['label']} | {row['why']} | | | |")
+            print(f"| {row['label']} | {row['why']} | | | | |")
             continue
+        mfu = (f"{row['mfu']:.1%} ({row['model_gflops_per_step']} GFLOPs a step, {row['matmul_dtype']} matmuls "
+               f"{row['matmul_tflops']} TFLOP/s)") if "mfu" in row else ""
         print(f"| {row['label']} | {row['steps_per_s']:.2f} | {row['samples_per_s']:.1f} | {row['s_per_step']:.4f} "
-              f"| {' '.join(f'{x:.2f}' for x in row['steps_per_s_rounds'])} |")
+              f"| {' '.join(f'{x:.2f}' for x in row['steps_per_s_rounds'])} | {mfu} |")
     print()
     print("| ratio (samples/s) | median of rounds | of totals | per round | bar | result |")
     print("|---|---|---|---|---|---|")

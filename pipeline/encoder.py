@@ -108,6 +108,13 @@ class Encoder:
         import torch
 
         x = normalize(chunk.to(self.device, non_blocking=True), self.mean, self.std, self.dtype)  # (n, 3, S, S)
+        return self.tokens(x).to(torch.float16).cpu().numpy()
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) normalised images in the tower's dtype -> (n, T, D): the CLS token, then
+        the patches, of block ``layer`` after the tower's final LayerNorm."""
+        import torch
+
         feats = self.visual.forward_intermediates(
             x,
             indices=[self.block],
@@ -117,8 +124,7 @@ class Encoder:
             output_fmt="NLC",
             output_extra_tokens=True,
         )
-        tokens = torch.cat([feats["image_intermediates_prefix"][0], feats["image_intermediates"][0]], dim=1)
-        return tokens.to(torch.float16).cpu().numpy()
+        return torch.cat([feats["image_intermediates_prefix"][0], feats["image_intermediates"][0]], dim=1)
 
 
 class BatchingEncoder:
