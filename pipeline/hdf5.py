@@ -24,7 +24,7 @@ from pipeline.atomic import atomic_path
 from pipeline.errors import ExtractError
 from pipeline.inspect import open_store
 from pipeline.storage import StoreLocation
-from pipeline.store import open_or_create, read_commit
+from pipeline.store import open_or_create, read_commit, read_rows
 from pipeline.store_format import ARRAYS, commit_name, n_shards
 
 SPLITS = ("train", "val")
@@ -62,7 +62,7 @@ def export_hdf5(store: str | Path, out: Path, split: str | None = None, manifest
                                     chunks=(1, *src.shape[1:]) if len(rows) else None)
             step = attrs["shard_size"]
             for start in tqdm(range(0, len(rows), step), desc=f"export {name}", unit="shard", leave=False):
-                dst[start : start + step] = src.get_orthogonal_selection(rows[start : start + step])
+                dst[start : start + step] = read_rows(src, rows[start : start + step])
     return len(rows)
 
 

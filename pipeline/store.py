@@ -1,4 +1,5 @@
-"""Writing the feature store (format: `pipeline.store_format`): create or grow it, write a shard.
+"""Writing the feature store (format: `pipeline.store_format`): create or grow it, write a shard;
+and reading rows of it (`read_rows`).
 
 Every array's Zarr shard is exactly one manifest shard (rows s*S .. (s+1)*S), so writing a
 manifest shard touches one object per array and nothing else: one writer per shard, never two
@@ -9,6 +10,7 @@ only after they are whole, so no kill leaves a half-rewritten shard counted as d
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync  # runs a coroutine on zarr's own loop (an fsspec store is bound to it)
 
 from pipeline.errors import ExtractError
 from pipeline.storage import StoreLocation
@@ -51,6 +54,25 @@ class ShardResult:
     n_frames: np.ndarray  # (n,) int32
     status: np.ndarray  # (n,) uint8
     failures: list[dict[str, Any]] = field(default_factory=list)  # {"row", "video_id", "reason"}
+
+
+def read_rows(array, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001 - a zarr.Array
+    """``array[rows]`` for sorted distinct ``rows``: each run of consecutive rows is one basic
+    slice, the runs read at once on zarr's event loop.
+
+    Not one orthogonal selection: inside a shard, zarr 3.1's sharding codec turns a list of rows
+    into per-element coordinates. For 16 rows of demo-tiny's 8 x 37 x 64 tokens that costs 2.7x
+    the CPU of the slices (63 against 23 ms); for 16 rows of ViT-B-16's 8 x 197 x 768, 4.2 s and
+    1.6 GB of index arrays against 0.11 s."""
+    if not len(rows):
+        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+    starts = np.flatnonzero(np.diff(rows) != 1) + 1
+    runs = [slice(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, starts)]
+
+    async def read() -> list[np.ndarray]:
+        return await asyncio.gather(*(array._async_array.getitem(run) for run in runs))
+
+    return np.concatenate(sync(read()))
 
 
 def open_group(location: StoreLocation, mode: str = "r") -> zarr.Group:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.store import read_rows
 from trainer.distributed import Dist
 from trainer.errors import TrainerError
 from trainer.store import store_errors
@@ -38,8 +39,8 @@ class Features:
 
 
 class DiskFeatures(Features):
-    """Reads the store on every fetch (`read_rows`). Picklable: a DataLoader worker opens the
-    store itself."""
+    """Reads the store on every fetch (`pipeline.store.read_rows`). Picklable: a DataLoader
+    worker opens the store itself."""
 
     def __init__(self, store_path: str | Path) -> None:
         self.store_path = str(store_path)
@@ -58,29 +59,6 @@ class DiskFeatures(Features):
     def fetch(self, rows: Sequence[int]) -> Tensor:
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         return torch.from_numpy(np.ascontiguousarray(read_rows(self._array(), unique)[inverse]))
-
-
-def read_rows(array, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001 - a zarr.Array
-    """``array[rows]`` for sorted distinct ``rows``: each run of consecutive rows is one basic
-    slice, the runs read at once on zarr's event loop.
-
-    Not one orthogonal selection: inside a shard, zarr 3.1's sharding codec turns a list of rows
-    into per-element coordinates, which costs 2.7x the CPU of the slices (16 random rows of
-    8 x 37 x 64 from 64-row shards: 63 against 23 ms), CPU that a DataLoader worker takes from
-    the training process on a small machine."""
-    import asyncio
-
-    from zarr.core.sync import sync  # zarr's own loop: an fsspec store is bound to it
-
-    if not len(rows):
-        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
-    starts = np.flatnonzero(np.diff(rows) != 1) + 1
-    runs = [slice(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, starts)]
-
-    async def read() -> list[np.ndarray]:
-        return await asyncio.gather(*(array._async_array.getitem(run) for run in runs))
-
-    return np.concatenate(sync(read()))
 
 
 class RamFeatures(Features):
