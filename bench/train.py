@@ -472,16 +472,18 @@ def step_flops(bench: Bench, batch) -> int:  # noqa: ANN001 - a trainer Batch on
     return count_flops(step)
 
 
-def model_flops_utilisation(bench: Bench, batches: list, seconds: list[float], steps: int, warmup: int) -> dict:
-    """The MFU of a row whose timed steps trained on ``batches`` (the memory row's, in its order:
-    `warmup` steps, then `steps` a round; rows without a DataLoader have no lead-in)."""
+def model_flops_utilisation(bench: Bench, batches: list, rows: dict[str, dict], steps: int, warmup: int) -> None:
+    """Add the MFU to ``rows`` (the memory row and, on CUDA, the GPU cache row), which timed their
+    steps on ``batches`` (the memory row's, in its order: `warmup` steps, then `steps` a round;
+    rows without a DataLoader have no lead-in). The FLOPs and the matmul rate are found once."""
     per_position = step_flops(bench, batches[0]) / batches[0].input_ids.numel()
-    timed = [batches[warmup + r * steps + i] for r in range(len(seconds)) for i in range(steps)]
-    flops = per_position * sum(b.input_ids.numel() for b in timed)
     dtype = torch.bfloat16 if bench.device.type == "cuda" else torch.float32
     rate = matmul_flops_per_s(bench.device, dtype)
-    return {"model_gflops_per_step": round(flops / len(timed) / 1e9, 4), "matmul_tflops": round(rate / 1e12, 3),
-            "matmul_dtype": str(dtype).removeprefix("torch."), "mfu": round(flops / sum(seconds) / rate, 4)}
+    for r in rows.values():
+        timed = [batches[warmup + i * steps + j] for i in range(len(r["seconds"])) for j in range(steps)]
+        flops = per_position * sum(b.input_ids.numel() for b in timed)
+        r.update({"model_gflops_per_step": round(flops / len(timed) / 1e9, 4), "matmul_tflops": round(rate / 1e12, 3),
+                  "matmul_dtype": str(dtype).removeprefix("torch."), "mfu": round(flops / sum(r["seconds"]) / rate, 4)})
 
 
 def largest_batch(bench: Bench) -> int:
@@ -538,10 +540,11 @@ def measure(bench: Bench, kinds: list[str], batch_size: int, steps: int, blocks:
         r["steps_per_s"] = blocks * steps / sum(r["seconds"])
         r["steps_per_s_blocks"] = [steps / s for s in r["seconds"]]
         r["losses"] = runners[k].losses
-        if mfu and k in ("memory", "gpu"):  # both trained on the memory row's batches
-            r.update(model_flops_utilisation(bench, runners["memory"].planned_batches, r["seconds"], steps, warmup))
         log(f"  {k:12s} B={batch_size:3d}: {r['steps_per_s']:7.2f} steps/s, {r['steps_per_s'] * batch_size:8.1f} "
             f"samples/s (rounds: {' '.join(f'{x:.2f}' for x in r['steps_per_s_blocks'])}; first step {r['first_s']:.2f} s)")
+    if mfu:  # the GPU cache row trained on the memory row's batches too
+        model_flops_utilisation(bench, runners["memory"].planned_batches,
+                                {k: out[k] for k in ("memory", "gpu") if k in out}, steps, warmup)
     return out
 
 
